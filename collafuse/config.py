@@ -1,0 +1,125 @@
+"""All tunable settings in one typed place.
+
+Every process (simulate, broker, worker, node) builds its settings from these dataclasses, so a
+default is changed here once and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise process both sides of the cut must agree on (DESIGN.md §2)."""
+
+    levels: int = 100  # T
+    cosine_offset: float = 0.008  # s in Nichol & Dhariwal's cosine schedule
+    max_beta: float = 0.999
+
+    def cut_level(self, cut_ratio: float) -> int:
+        """t_c = round(c·T): the client owns levels 1..t_c, the server t_c+1..T."""
+        if not 0.0 <= cut_ratio <= 1.0:
+            raise ValueError(f"cut ratio must lie in [0, 1], got {cut_ratio}")
+        return int(round(cut_ratio * self.levels))
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A U-Net size. The server variant adds t_c as a second conditioning input."""
+
+    name: str
+    base_channels: int
+    multipliers: tuple[int, ...]
+    layers_per_block: int
+    norm_groups: int = 8
+    attention_head_dim: int = 8
+
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.multipliers)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        # Fast CPU runs and tests (about 0.29 M parameters).
+        ModelPreset("tiny", base_channels=16, multipliers=(1, 2, 2), layers_per_block=1),
+        # The paper's U-Net: channel base 16, multipliers 1,2,4,8, attention innermost (3.9 M).
+        ModelPreset("paper", base_channels=16, multipliers=(1, 2, 4, 8), layers_per_block=2),
+        # A larger server model for a real GPU (about 62 M parameters).
+        ModelPreset("large", base_channels=64, multipliers=(1, 2, 4, 8), layers_per_block=2, norm_groups=32),
+    )
+}
+
+
+def preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split among clients."""
+
+    spec: str = "mni"  # mni | brats:PATH | images:PATH
+    clients: int = 3
+    image_size: int = 32
+    images_per_client: int = 512  # augmented copies drawn from each client's shard (embedded data)
+    holdout_images: int = 256
+    seed: int = 0
+    brats_slices: tuple[int, int] = (60, 100)  # inclusive range along axis 2, as in the paper
+    brats_modality: str = "t1"
+    holdout_fraction: float = 0.1  # share of patients / files kept out of every client
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser settings for both parties (the paper: lr 1e-3, batch 150)."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How the server and the client walk down their levels."""
+
+    kind: str = "ancestral"  # ancestral | ddim
+    ddim_steps: int = 20  # total steps over T..0 when kind == "ddim", shared in proportion
+    eta: float = 0.0  # DDIM's stochasticity; ancestral is always eta = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ancestral", "ddim"):
+            raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {self.kind!r}")
+        if self.ddim_steps < 1:
+            raise ValueError("ddim_steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """One in-process run: every party in one process, exactly the distributed math."""
+
+    cut_ratios: tuple[float, ...] = (0.6,)  # one for all clients, or one per client
+    steps: int = 600
+    client_model: str = "tiny"
+    server_model: str = "tiny"
+    samples_per_client: int = 16
+    device: str = "auto"
+    log_every: int = 25
+    checkpoint_every: int = 200
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def client_cut_ratios(self) -> list[float]:
+        n = self.data.clients
+        if len(self.cut_ratios) == 1:
+            return list(self.cut_ratios) * n
+        if len(self.cut_ratios) != n:
+            raise ValueError(f"give one cut ratio or one per client ({n}), got {len(self.cut_ratios)}")
+        return list(self.cut_ratios)

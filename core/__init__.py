@@ -1,0 +1,1 @@
+"""The split-diffusion core: schedule, noising, losses, samplers, models, checkpoints."""

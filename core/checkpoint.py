@@ -1,0 +1,78 @@
+"""Checkpoints as safetensors (no pickle): model weights, optimiser state and JSON metadata.
+
+Written atomically (temporary file, fsync, rename), so a crash leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            name = f"optim.{pid}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"metadata": metadata or {}}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"collafuse": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Load weights (and optimiser state) into the given objects; return the metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = json.loads((f.metadata() or {}).get("collafuse", "{}"))
+        keys = list(f.keys())
+        model.load_state_dict({k[len("model."):]: f.get_tensor(k) for k in keys if k.startswith("model.")})
+        if optimizer is not None and "optimizer" in meta:
+            opt_meta = meta["optimizer"]
+            state: dict[int, dict[str, Any]] = {}
+            for k in keys:
+                if k.startswith("optim."):
+                    _, pid, name = k.split(".", 2)
+                    state.setdefault(int(pid), {})[name] = f.get_tensor(k)
+            for k, v in opt_meta["scalars"].items():
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+            optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    return meta.get("metadata", {})

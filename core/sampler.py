@@ -1,0 +1,188 @@
+"""Continuous, step-level batched sampling (DESIGN.md §4), used by the worker and by the client.
+
+A pool of active rows, each with its own level, base (t_c for the server, 0 for a client), path and
+job. Every iteration admits queued rows up to `max_batch`, makes one model call over the pool,
+advances each row by one step, and retires the rows that reached their base; a job is returned as
+soon as its last row retires. Noise is counter-based (core.noise), so a row's result does not
+depend on which other rows shared its batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from collafuse.config import SamplerConfig
+from collafuse.core.noise import row_keys, row_noise
+from collafuse.core.schedule import CosineSchedule, level_path
+from collafuse.core.split import sampler_step
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, base) → ε̂
+
+_STREAM_START, _STREAM_STEP = 1, 2
+
+
+def steps_and_eta(config: SamplerConfig, start: int, base: int, levels: int) -> tuple[int | None, float]:
+    """A party's share of the sampler: ancestral walks every level (η = 1); DDIM gives each party
+    steps in proportion to the levels it owns, at least one."""
+    if config.kind == "ancestral":
+        return None, 1.0
+    return max(1, round(config.ddim_steps * (start - base) / levels)), config.eta
+
+
+@dataclass
+class SampleJob:
+    """`count` images walked from level `start` down to level `base`."""
+
+    job_id: str
+    count: int
+    start: int
+    base: int
+    seed: int
+    steps: int | None = None  # None: ancestral over every level; k: about k DDIM jumps
+    eta: float = 1.0
+    x_start: torch.Tensor | None = None  # None: x_start ~ N(0, I) from the job's counter noise
+    stream: int = 0  # separates the server's and the client's noise for the same seed
+    path: list[int] = field(init=False)
+    result: torch.Tensor | None = field(init=False, default=None)
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path = level_path(self.start, self.base, self.steps)
+        self.remaining = self.count
+
+
+@dataclass
+class _Row:
+    job: SampleJob
+    index: int  # row index within its job
+    pos: int  # index into job.path of the row's current level
+
+
+class BatchedSampler:
+    def __init__(
+        self,
+        eps_fn: EpsFn,
+        schedule: CosineSchedule,
+        image_shape: tuple[int, int, int],
+        max_batch: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.eps_fn, self.schedule, self.image_shape = eps_fn, schedule, image_shape
+        self.max_batch, self.device = max_batch, torch.device(device)
+        self.queue: deque[tuple[SampleJob, int]] = deque()  # (job, next row index to admit)
+        self.rows: list[_Row] = []
+        self.x = torch.empty((0, *image_shape), device=self.device)
+        self.keys = torch.empty((0,), dtype=torch.int64, device=self.device)  # row_keys of each row
+        self.streams = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self.iterations = 0
+        self.rows_processed = 0
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued_rows(self) -> int:
+        return sum(job.count - nxt for job, nxt in self.queue)
+
+    def idle(self) -> bool:
+        return not self.rows and not self.queue
+
+    def submit(self, job: SampleJob) -> list[SampleJob]:
+        """Queue a job; a job with nothing to do (start == base) is returned finished at once."""
+        if job.x_start is not None and tuple(job.x_start.shape) != (job.count, *self.image_shape):
+            raise ValueError(f"x_start has shape {tuple(job.x_start.shape)}, expected {(job.count, *self.image_shape)}")
+        if len(job.path) == 1:
+            job.result = (job.x_start if job.x_start is not None else self._start_noise(job, 0, job.count)).cpu()
+            return [job]
+        job.result = torch.empty((job.count, *self.image_shape))
+        self.queue.append((job, 0))
+        return []
+
+    def _start_noise(self, job: SampleJob, first: int, n: int) -> torch.Tensor:
+        keys = row_keys(job.seed, first, n, self.device)
+        level = torch.full((n,), job.start, dtype=torch.int64, device=self.device)
+        return row_noise(keys, level, self.image_shape, stream=job.stream * 4 + _STREAM_START)
+
+    def _admit(self) -> None:
+        free = self.max_batch - len(self.rows)
+        new_x, new_keys, new_streams = [], [], []
+        while free > 0 and self.queue:
+            job, nxt = self.queue.popleft()
+            n = min(free, job.count - nxt)
+            if job.x_start is not None:
+                new_x.append(job.x_start[nxt : nxt + n].to(self.device, torch.float32))
+            else:
+                new_x.append(self._start_noise(job, nxt, n))
+            new_keys.append(row_keys(job.seed, nxt, n, self.device))
+            new_streams.append(torch.full((n,), job.stream * 4 + _STREAM_STEP, dtype=torch.int64, device=self.device))
+            self.rows.extend(_Row(job, nxt + i, 0) for i in range(n))
+            free -= n
+            if nxt + n < job.count:
+                self.queue.appendleft((job, nxt + n))
+        if new_x:
+            self.x = torch.cat([self.x, *new_x])
+            self.keys = torch.cat([self.keys, *new_keys])
+            self.streams = torch.cat([self.streams, *new_streams])
+
+    def _keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.x, self.keys, self.streams = self.x[index], self.keys[index], self.streams[index]
+
+    @torch.no_grad()
+    def iterate(self) -> list[SampleJob]:
+        """Admit, one model call over the pool, advance every row, retire; return finished jobs."""
+        self._admit()
+        if not self.rows:
+            return []
+        t = torch.tensor([r.job.path[r.pos] for r in self.rows], dtype=torch.int64)
+        s = torch.tensor([r.job.path[r.pos + 1] for r in self.rows], dtype=torch.int64)
+        base = torch.tensor([r.job.base for r in self.rows], dtype=torch.int64)
+        eta = torch.tensor([r.job.eta for r in self.rows], dtype=torch.float64)
+        if bool((eta > 0).any()):
+            noise = row_noise(self.keys, s.to(self.device), self.image_shape, stream=self.streams)
+        else:
+            noise = torch.zeros_like(self.x)
+        eps = self.eps_fn(self.x, t.to(self.device), base.to(self.device)).float()
+        self.x = sampler_step(self.schedule, self.x, eps, t, s, base, eta, noise)
+        self.iterations += 1
+        self.rows_processed += len(self.rows)
+
+        keep, retire = [], []
+        for i, row in enumerate(self.rows):
+            row.pos += 1
+            (retire if row.pos == len(row.job.path) - 1 else keep).append(i)
+        if not retire:
+            return []
+        finished: list[SampleJob] = []
+        retired_x = self.x[torch.tensor(retire, dtype=torch.int64, device=self.device)].cpu()
+        for x, i in zip(retired_x, retire):
+            job = self.rows[i].job
+            assert job.result is not None
+            job.result[self.rows[i].index] = x
+            job.remaining -= 1
+            if job.remaining == 0:
+                finished.append(job)
+        self._keep(keep)
+        return finished
+
+    def drop_job(self, job_id: str) -> None:
+        """Forget a job (its requester went away); its rows leave the pool."""
+        self.queue = deque((j, n) for j, n in self.queue if j.job_id != job_id)
+        self._keep([i for i, r in enumerate(self.rows) if r.job.job_id != job_id])
+
+    def run(self, jobs: list[SampleJob]) -> dict[str, torch.Tensor]:
+        """Submit jobs and iterate until all are done (the in-process path)."""
+        done: dict[str, torch.Tensor] = {}
+        for job in jobs:
+            for j in self.submit(job):
+                done[j.job_id] = j.result  # type: ignore[assignment]
+        while not self.idle():
+            for j in self.iterate():
+                done[j.job_id] = j.result  # type: ignore[assignment]
+        return done

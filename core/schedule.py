@@ -1,0 +1,75 @@
+"""The cosine noise schedule and its rebased views (DESIGN.md §2).
+
+Levels are integers t = 0..T with ᾱ_0 = 1 (the clean image). A party whose "data" are the images
+at level b (the server: b = t_c; a client: b = 0) sees the rebased schedule ᾱ'_t = ᾱ_t / ᾱ_b. Every
+coefficient a sampler needs is a function of (t, s, b), so the tables below are indexed per row:
+rows of different clients, steps and cut ratios share one batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from collafuse.config import DiffusionConfig
+
+
+class CosineSchedule:
+    """ᾱ_t of Nichol & Dhariwal (2021), kept in float64; gathers return float32 per row."""
+
+    def __init__(self, config: DiffusionConfig = DiffusionConfig()) -> None:
+        self.config = config
+        T, s = config.levels, config.cosine_offset
+        f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
+        betas = [min(1 - f[t] / f[t - 1], config.max_beta) for t in range(1, T + 1)]
+        alpha_bar = [1.0]
+        for beta in betas:
+            alpha_bar.append(alpha_bar[-1] * (1 - beta))
+        self.alpha_bar = torch.tensor(alpha_bar, dtype=torch.float64)  # [T+1], index = level
+
+    @property
+    def levels(self) -> int:
+        return self.config.levels
+
+    def rebased(self, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """ᾱ'_t = ᾱ_t / ᾱ_base, float64, per row."""
+        return self.alpha_bar[t] / self.alpha_bar[base]
+
+    def check_levels(self, t: torch.Tensor, base: torch.Tensor) -> None:
+        if bool(((t < 0) | (t > self.levels) | (base < 0) | (base > t)).any()):
+            raise ValueError(f"levels must satisfy 0 <= base <= t <= {self.levels}")
+
+    def step_coefficients(
+        self, t: torch.Tensor, s: torch.Tensor, base: torch.Tensor, eta: float | torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Coefficients of one generalised (DDIM) step t → s under the schedule rebased at `base`.
+
+        x_s = √ᾱ'_s·x̂_b + √(1 − ᾱ'_s − σ²)·ε̂ + σ·z, with σ = η·√((1−ᾱ'_s)/(1−ᾱ'_t))·√(1−ᾱ'_t/ᾱ'_s).
+        With η = 1 and s = t − 1 this is exactly the DDPM ancestral step (posterior q(x_{t−1}|x_t, x_b)).
+        Returned in float64, one value per row.
+        """
+        a_t, a_s = self.rebased(t, base), self.rebased(s, base)
+        eta = torch.as_tensor(eta, dtype=torch.float64)
+        sigma = eta * torch.sqrt((1 - a_s) / (1 - a_t)) * torch.sqrt(1 - a_t / a_s)
+        return {
+            "sqrt_a_t": a_t.sqrt(),
+            "sqrt_1m_a_t": (1 - a_t).sqrt(),
+            "sqrt_a_s": a_s.sqrt(),
+            "dir_eps": (1 - a_s - sigma**2).clamp(min=0).sqrt(),
+            "sigma": sigma,
+        }
+
+
+def level_path(start: int, base: int, steps: int | None) -> list[int]:
+    """The levels a sampler visits from `start` down to `base` inclusive.
+
+    `steps=None` is ancestral: every level. Otherwise about `steps` evenly spaced DDIM jumps.
+    """
+    if start < base:
+        raise ValueError(f"start level {start} below base {base}")
+    if steps is None or steps >= start - base:
+        return list(range(start, base - 1, -1))
+    steps = max(1, steps)
+    path = [round(start - i * (start - base) / steps) for i in range(steps + 1)]
+    return sorted(set(path), reverse=True)

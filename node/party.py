@@ -1,0 +1,96 @@
+"""One client's side of the split: local model on levels 1..t_c, server messages, the finish.
+
+The same object serves the in-process simulation and `collafuse-node`, so both run the same math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.core.models import build_unet
+from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
+from collafuse.core.schedule import CosineSchedule
+from collafuse.core.split import ServerMessage, client_loss, make_server_message
+
+CLIENT_STREAM = 1  # the client's sampler noise, distinct from the server's (stream 0)
+
+
+class ClientParty:
+    def __init__(
+        self,
+        name: str,
+        cut_ratio: float,
+        data: torch.Tensor,
+        model_preset: str = "tiny",
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        train: TrainConfig = TrainConfig(),
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.name, self.cut_ratio, self.train_config = name, cut_ratio, train
+        self.schedule = CosineSchedule(diffusion)
+        self.t_c = diffusion.cut_level(cut_ratio)
+        self.device = torch.device(device)
+        self.data = data
+        self.image_shape: tuple[int, int, int] = tuple(data.shape[1:])  # type: ignore[assignment]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.has_local_model:
+            self.model = build_unet(model_preset, self.image_shape[-1], conditioned_on_cut=False, channels=self.image_shape[0]).to(self.device)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
+        self.step = 0
+
+    @property
+    def has_local_model(self) -> bool:
+        """c = 0 keeps no local model: the server does every level."""
+        return self.t_c > 0
+
+    @property
+    def uses_server(self) -> bool:
+        """c = 1 is purely local."""
+        return self.t_c < self.schedule.levels
+
+    def batch(self) -> torch.Tensor:
+        index = torch.randint(0, self.data.shape[0], (self.train_config.batch_size,), generator=self.generator)
+        return self.data[index].to(self.device)
+
+    def train_local(self, x0: torch.Tensor) -> float:
+        """One optimiser step of the local model on levels 1..t_c."""
+        assert self.model is not None and self.optimizer is not None
+        self.model.train()
+        loss = client_loss(self.model, self.schedule, x0, self.t_c, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss)
+
+    def server_message(self, x0: torch.Tensor) -> ServerMessage:
+        """The privacy-correct training message for the server (two-stage noising)."""
+        return make_server_message(self.schedule, x0.cpu(), self.t_c, self.generator)
+
+    def finish_job(self, job_id: str, count: int, seed: int, sampler: SamplerConfig, x_tc: torch.Tensor | None) -> SampleJob:
+        """The client's sampler job: from the server's x_{t_c} (or from noise at T when c = 1) to 0."""
+        start = self.t_c
+        if not self.uses_server:
+            x_tc = None  # c = 1: the client samples alone from x_T
+        elif x_tc is None:
+            raise ValueError(f"client {self.name} with t_c = {self.t_c} needs the server's x_t_c to finish")
+        steps, eta = steps_and_eta(sampler, start, 0, self.schedule.levels)
+        return SampleJob(job_id, count, start, 0, seed, steps, eta, x_start=x_tc, stream=CLIENT_STREAM)
+
+    @torch.no_grad()
+    def finish(self, x_tc: torch.Tensor | None, count: int, seed: int, sampler: SamplerConfig, max_batch: int = 256) -> torch.Tensor:
+        """Images in [-1, 1]: the local finish of a generation."""
+        job = self.finish_job("finish", count, seed, sampler, x_tc)
+        if not self.has_local_model:
+            assert x_tc is not None
+            return x_tc.clamp(-1, 1)
+        assert self.model is not None
+        self.model.eval()
+        model = self.model
+        engine = BatchedSampler(lambda x, t, base: model(x, t).sample, self.schedule, self.image_shape, max_batch, self.device)
+        return engine.run([job])["finish"].clamp(-1, 1)

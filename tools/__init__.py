@@ -1,0 +1,1 @@
+"""Whole-system tools: the in-process simulation, image grids, progress display."""

@@ -1,0 +1,145 @@
+"""The in-process run: every party in one process, with exactly the math of the distributed system.
+
+Each training step, every client draws a batch, takes one local step on levels 1..t_c and builds
+its privacy-correct server message; the server merges all messages into one optimiser step. At the
+end the server denoises every client's jobs in one continuous batch down to each t_c, and every
+client finishes locally. This is the research fast path and the oracle for the networked system.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from collafuse.config import SimulateConfig
+from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.core.models import parameter_count, resolve_device
+from collafuse.datasets import load_federated
+from collafuse.node.party import ClientParty
+from collafuse.tools.images import save_grid
+from collafuse.tools.progress import Progress
+from collafuse.worker.party import ServerParty
+
+SAMPLE_SEED = 1234
+
+
+def _checkpoint_all(folder: Path, clients: list[ClientParty], server: ServerParty | None, step: int, config: dict) -> None:
+    meta = {"step": step, "config": config}
+    for c in clients:
+        if c.model is not None:
+            save_checkpoint(folder / f"{c.name}.safetensors", c.model, c.optimizer, {**meta, "party": c.name, "t_c": c.t_c})
+    if server is not None:
+        save_checkpoint(folder / "server.safetensors", server.model, server.optimizer, {**meta, "party": "server"})
+
+
+def _resume_all(folder: Path, clients: list[ClientParty], server: ServerParty | None, device: torch.device) -> int:
+    steps = set()
+    for c in clients:
+        if c.model is not None:
+            steps.add(load_checkpoint(folder / f"{c.name}.safetensors", c.model, c.optimizer, device)["step"])
+    if server is not None:
+        steps.add(load_checkpoint(folder / "server.safetensors", server.model, server.optimizer, device)["step"])
+    if len(steps) != 1:
+        raise ValueError(f"checkpoints in {folder} are from different steps: {sorted(steps)}")
+    return steps.pop()
+
+
+def generate(
+    clients: list[ClientParty], server: ServerParty | None, count: int, seed: int, config: SimulateConfig, max_batch: int = 256
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per client: the server's output at t_c (what the server produced) and the finished images."""
+    cut_images: dict[str, torch.Tensor] = {}
+    if server is not None:
+        jobs = [server.denoise_job(c.name, count, c.t_c, seed + i, config.sampler) for i, c in enumerate(clients) if c.uses_server]
+        cut_images = server.sampler(max_batch).run(jobs)
+    out = {}
+    for i, c in enumerate(clients):
+        x_tc = cut_images.get(c.name)
+        out[c.name] = {"images": c.finish(x_tc, count, seed + i, config.sampler, max_batch)}
+        if x_tc is not None:
+            out[c.name]["server_output"] = x_tc
+    return out
+
+
+def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> dict[str, Any]:
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.data.seed)
+    data = load_federated(config.data)
+    cut_ratios = config.client_cut_ratios()
+    clients = [
+        ClientParty(f"client{i}", c, data.clients[i], config.client_model, config.diffusion, config.train, device, seed=config.data.seed * 1000 + i + 1)
+        for i, c in enumerate(cut_ratios)
+    ]
+    image_shape = tuple(data.clients[0].shape[1:])
+    server = (
+        ServerParty(image_shape, config.server_model, config.diffusion, config.train, device)  # type: ignore[arg-type]
+        if any(c.uses_server for c in clients)
+        else None
+    )
+    config_dict = asdict(config)
+    ckpt = out / "checkpoints"
+    first = _resume_all(ckpt, clients, server, device) if resume else 0
+
+    losses: dict[str, list[list[float]]] = {c.name: [] for c in clients if c.has_local_model}
+    if server is not None:
+        losses["server"] = []
+    window: dict[str, list[float]] = {k: [] for k in losses}
+    progress = Progress(config.steps, "simulate", every=config.log_every)
+    for step in range(first + 1, config.steps + 1):
+        messages = []
+        for c in clients:
+            x0 = c.batch()
+            if c.has_local_model:
+                window[c.name].append(c.train_local(x0))
+            if c.uses_server:
+                messages.append(c.server_message(x0))
+        if server is not None:
+            window["server"].append(server.train_step(messages))
+        if step % config.log_every == 0 or step == config.steps:
+            for k, v in window.items():
+                losses[k].append([step, sum(v) / len(v)])
+            progress.update(step, **{k: v[-1][1] for k, v in losses.items()})
+            window = {k: [] for k in losses}
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _checkpoint_all(ckpt, clients, server, step, config_dict)
+    train_seconds = time.monotonic() - started
+
+    sample_start = time.monotonic()
+    samples = generate(clients, server, config.samples_per_client, SAMPLE_SEED, config)
+    sample_seconds = time.monotonic() - sample_start
+    save_grid([samples[c.name]["images"] for c in clients], out / "samples.png")
+    save_grid([data.clients[i][: config.samples_per_client] for i in range(len(clients))], out / "real.png")
+    save_file(
+        {f"{name}.{kind}": t.contiguous() for name, d in samples.items() for kind, t in d.items()},
+        str(out / "samples.safetensors"),
+    )
+    metrics = {
+        "config": config_dict,
+        "device": str(device),
+        "clients": [
+            {
+                "name": c.name,
+                "cut_ratio": c.cut_ratio,
+                "t_c": c.t_c,
+                "images": int(c.data.shape[0]),
+                "data": data.provenance[i],
+                "parameters": parameter_count(c.model) if c.model is not None else 0,
+            }
+            for i, c in enumerate(clients)
+        ],
+        "server": {"parameters": parameter_count(server.model)} if server is not None else None,
+        "holdout": {"images": int(data.holdout.shape[0]), "data": data.holdout_provenance},
+        "losses": losses,
+        "resumed_from_step": first,
+        "wall_seconds": {"train": round(train_seconds, 2), "sample": round(sample_seconds, 2), "total": round(time.monotonic() - started, 2)},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,78 @@
+"""The server's side of the split: one model conditioned on (t, t_c) for every client.
+
+Training merges the rows of many clients' messages into one optimiser step; denoising runs every
+client's jobs through one continuous-batching sampler. The worker process and the in-process
+simulation both drive this object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.core.models import build_unet
+from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
+from collafuse.core.schedule import CosineSchedule
+from collafuse.core.split import ServerMessage, server_loss
+
+SERVER_STREAM = 0
+
+
+class ServerParty:
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        model_preset: str = "tiny",
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        train: TrainConfig = TrainConfig(),
+        device: torch.device | str = "cpu",
+        autocast_bf16: bool = False,
+    ) -> None:
+        self.image_shape, self.train_config = image_shape, train
+        self.schedule = CosineSchedule(diffusion)
+        self.device = torch.device(device)
+        self.model = build_unet(model_preset, image_shape[-1], conditioned_on_cut=True, channels=image_shape[0]).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
+        self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
+        self.step = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, messages: list[ServerMessage]) -> float:
+        """One optimiser step over the rows of all given messages (from any clients, any t_c)."""
+        merged = ServerMessage(
+            torch.cat([m.x_t for m in messages]).to(self.device),
+            torch.cat([m.t for m in messages]),
+            torch.cat([m.t_c for m in messages]),
+            torch.cat([m.eps for m in messages]).to(self.device),
+        )
+        self.model.train()
+        with self._autocast():
+            loss = server_loss(self.model, merged)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(x, t, class_labels=t_c).sample
+
+    def sampler(self, max_batch: int) -> BatchedSampler:
+        self.model.eval()
+        return BatchedSampler(self.eps, self.schedule, self.image_shape, max_batch, self.device)
+
+    def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig) -> SampleJob:
+        """The server's part of a generation: x_T ~ N(0, I) from the seed, down to x_{t_c}."""
+        levels = self.schedule.levels
+        if not 0 <= t_c < levels:
+            raise ValueError(f"server denoising needs 0 <= t_c < {levels}, got {t_c}")
+        steps, eta = steps_and_eta(sampler, levels, t_c, levels)
+        return SampleJob(job_id, count, levels, t_c, seed, steps, eta, stream=SERVER_STREAM)
