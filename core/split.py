@@ -101,14 +101,15 @@ def sampler_step(
     eta: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """One step t → s per row, rebased at `base`; rows with base 0 clip x̂₀ to the data range.
+    """One step t → s per row, rebased at `base`.
 
-    x_{t_c} of the server's data is noisy, so its x̂ is not clipped.
+    x̂_base is clipped to the range its level can hold: |x_b| ≤ √ᾱ_b + 5·√(1−ᾱ_b) (the data range
+    [-1, 1] plus five noise standard deviations). For a client (b = 0) that is the usual clip to
+    [-1, 1]; for the server it only catches a diverging prediction. ε̂ is then made consistent.
     """
     c = {k: _bcast(v, x_t) for k, v in schedule.step_coefficients(t.cpu(), s.cpu(), base.cpu(), eta.cpu()).items()}
-    x_hat = (x_t - c["sqrt_1m_a_t"] * eps_hat) / c["sqrt_a_t"]
-    clean = _bcast((base == 0).to(torch.float64).cpu(), x_t) > 0
-    clipped = x_hat.clamp(-1.0, 1.0)
-    eps_hat = torch.where(clean, (x_t - c["sqrt_a_t"] * clipped) / c["sqrt_1m_a_t"], eps_hat)
-    x_hat = torch.where(clean, clipped, x_hat)
+    a_b = schedule.alpha_bar[base.cpu()]
+    bound = _bcast(a_b.sqrt() + 5 * (1 - a_b).sqrt(), x_t)
+    x_hat = torch.maximum(torch.minimum((x_t - c["sqrt_1m_a_t"] * eps_hat) / c["sqrt_a_t"], bound), -bound)
+    eps_hat = (x_t - c["sqrt_a_t"] * x_hat) / c["sqrt_1m_a_t"]
     return c["sqrt_a_s"] * x_hat + c["dir_eps"] * eps_hat + c["sigma"] * noise

@@ -66,7 +66,7 @@ class ClientParty:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(loss)
+        return loss.item()
 
     def server_message(self, x0: torch.Tensor) -> ServerMessage:
         """The privacy-correct training message for the server (two-stage noising)."""

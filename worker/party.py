@@ -59,7 +59,7 @@ class ServerParty:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(loss)
+        return loss.item()
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
         with self._autocast():
