@@ -19,8 +19,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log connection and scheduling events.")) -> None:
     """CollaFuse: collaborative split diffusion between edge nodes and a shared server model."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -89,6 +92,114 @@ def simulate(
     for name, curve in metrics["losses"].items():
         typer.echo(f"  {name:8s} loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'real.png'}, {out / 'checkpoints'}/")
+
+
+HB_INTERVAL = typer.Option(1.0, "--heartbeat-interval", min=0.01, help="Seconds between heartbeats.")
+HB_LIVENESS = typer.Option(5, "--heartbeat-liveness", min=1, help="Missed heartbeats before a peer counts as dead.")
+MAX_FRAME = typer.Option(64 * 1024 * 1024, "--max-frame-bytes", min=1024, help="Largest tensor frame accepted.")
+LEVELS = typer.Option(100, "--levels", help="T, the number of noise levels.")
+
+
+@app.command()
+def broker(
+    frontend: str = typer.Option("tcp://127.0.0.1:5555", "--frontend", help="Address nodes connect to (bind)."),
+    backend: str = typer.Option("tcp://127.0.0.1:5556", "--backend", help="Address workers connect to (bind)."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
+    heartbeat_interval: float = HB_INTERVAL,
+    heartbeat_liveness: int = HB_LIVENESS,
+    max_frame_bytes: int = MAX_FRAME,
+    levels: int = LEVELS,
+) -> None:
+    """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats. No torch."""
+    import zmq
+
+    from collafuse.broker.broker import Broker
+    from collafuse.config import BrokerConfig, HeartbeatConfig, ProtocolLimits
+
+    config = BrokerConfig(
+        frontend=frontend,
+        backend=backend,
+        max_queue_per_client=max_queue,
+        heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+        limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
+    )
+    try:
+        b = Broker(config)
+    except zmq.ZMQError as exc:
+        fail(f"cannot bind {frontend} / {backend}: {exc}")
+    b.install_signal_handlers()
+    typer.echo(f"broker: nodes -> {frontend}, workers -> {backend}", err=True)
+    b.run()
+    typer.echo("broker: stopped", err=True)
+
+
+@app.command()
+def worker(
+    broker: str = typer.Option("tcp://127.0.0.1:5556", "--broker", help="The broker's backend address."),
+    name: str = typer.Option("worker", "--name", help="Worker name shown in status."),
+    device: str = typer.Option("auto", "--device", help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
+    model: str = typer.Option("tiny", "--model", help="Server U-Net preset: tiny, paper or large."),
+    image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time)."),
+    max_train_rows: int = typer.Option(256, "--max-train-rows", min=1, help="Training rows merged into one optimiser step."),
+    train_wait: float = typer.Option(0.05, "--train-wait", min=0.0, help="Seconds the first waiting training row waits for company."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the server model."),
+    sync_every: int = typer.Option(20, "--sync-every", min=1, help="The trainer publishes weights every N optimiser steps."),
+    checkpoint: str = typer.Option("", "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CUDA."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
+    heartbeat_interval: float = HB_INTERVAL,
+    heartbeat_liveness: int = HB_LIVENESS,
+    max_frame_bytes: int = MAX_FRAME,
+    levels: int = LEVELS,
+) -> None:
+    """Serve the shared server model: batched training and continuous-batching denoising."""
+    from collafuse.config import HeartbeatConfig, ProtocolLimits, TrainConfig, WorkerConfig
+    from collafuse.worker.worker import Worker
+
+    config = WorkerConfig(
+        broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, train=train,
+        max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, bf16=bf16, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+        train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
+    )
+    try:
+        w = Worker(config, seed=seed)
+    except ValueError as exc:
+        fail(str(exc))
+    w.install_signal_handlers()
+    typer.echo(f"worker {name}: {model} model on {w.device}, max batch {max_batch}, broker {broker}", err=True)
+    w.run()
+    typer.echo(f"worker {name}: stopped after {w.party.step} optimiser steps", err=True)
+
+
+@app.command()
+def status(
+    broker: str = typer.Option("tcp://127.0.0.1:5555", "--broker", help="The broker's frontend address."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+) -> None:
+    """Show the broker's queues, in-flight jobs, workers and per-client counts."""
+    import json
+
+    from collafuse.node.link import fetch_status
+
+    try:
+        st = fetch_status(broker)
+    except (TimeoutError, ConnectionError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    typer.echo(f"broker {broker}: up {st['uptime_s']} s, {st['queued']} queued, {st['in_flight']} in flight, {st['forwarded']} forwarded")
+    typer.echo(f"workers ({len(st['workers'])}):")
+    for w in st["workers"]:
+        role = " trainer" if w["trainer"] else ""
+        typer.echo(f"  {w['name']:<12}{role:<8} credit denoise {w['credit']['denoise']:>4} train {w['credit']['train']:>4}  in flight {w['in_flight']:>3}  done {w['completed']:>6}  seen {w['last_seen_s']} s ago")
+    typer.echo(f"clients ({len(st['clients'])}):")
+    for name, c in st["clients"].items():
+        typer.echo(f"  {name:<12} queued {c['queued']:>3}  in flight {c['in_flight']:>3}  submitted {c['submitted']:>6}  completed {c['completed']:>6}  errors {c['errors']:>3}  busy {c['busy']:>3}")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,83 @@ class SimulateConfig:
         if len(self.cut_ratios) != n:
             raise ValueError(f"give one cut ratio or one per client ({n}), got {len(self.cut_ratios)}")
         return list(self.cut_ratios)
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """What a receiver accepts; checked before any allocation the sender controls."""
+
+    levels: int = 100  # T
+    max_envelope_bytes: int = 64 * 1024
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_rows: int = 1024  # rows (images) in one train or denoise job
+    max_image_side: int = 512
+    max_channels: int = 4
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """Paranoid-Pirate style liveness, both ways: a peer silent for interval × liveness is dead."""
+
+    interval: float = 1.0  # seconds between heartbeats
+    liveness: int = 10  # generous: a CPU worker's optimiser step can take seconds
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"  # nodes connect here
+    backend: str = "tcp://127.0.0.1:5556"  # workers connect here
+    max_queue_per_client: int = 64  # jobs; a full queue answers "busy" at once
+    reply_cache_per_client: int = 32  # recent final replies kept so a retried job id is answered, not redone
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str = "tcp://127.0.0.1:5556"
+    name: str = "worker"
+    device: str = "auto"
+    model: str = "tiny"
+    image_size: int = 32
+    channels: int = 1
+    max_batch: int = 64  # rows in one denoising model call
+    queue_rows: int = 64  # denoising rows queued beyond the pool (credit = max_batch + queue_rows)
+    train: bool = True  # offer to be the trainer
+    max_train_rows: int = 256  # rows merged into one optimiser step
+    train_wait: float = 0.05  # seconds the first waiting train row may wait for company
+    sync_every: int = 20  # the trainer publishes weights every this many optimiser steps
+    checkpoint: str = ""  # path of the server checkpoint ('' = none)
+    checkpoint_every: int = 100  # optimiser steps
+    bf16: bool = False
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One edge node (`collafuse-node join`)."""
+
+    broker: str = "tcp://127.0.0.1:5555"
+    name: str = "node"
+    cut_ratio: float = 0.6
+    model: str = "tiny"
+    shard: int = 0  # which client shard of the data this node holds
+    shards: int = 3
+    state: str = ""  # folder for the checkpoint and progress ('' = ./collafuse-node-NAME)
+    steps: int = 600
+    window: int = 4  # train jobs in flight at most; local training never waits for them
+    checkpoint_every: int = 100
+    retry_after: float = 0.5  # seconds before a "busy" job is sent again
+    drain_timeout: float = 60.0  # at the end, how long to wait for outstanding acknowledgements
+    device: str = "auto"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+
+    @property
+    def state_dir(self) -> str:
+        return self.state or f"collafuse-node-{self.name}"

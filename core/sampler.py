@@ -46,6 +46,7 @@ class SampleJob:
     eta: float = 1.0
     x_start: torch.Tensor | None = None  # None: x_start ~ N(0, I) from the job's counter noise
     stream: int = 0  # separates the server's and the client's noise for the same seed
+    first_row: int = 0  # rows are keyed by first_row + index, so splitting a request into jobs changes nothing
     path: list[int] = field(init=False)
     result: torch.Tensor | None = field(init=False, default=None)
     remaining: int = field(init=False)
@@ -104,7 +105,7 @@ class BatchedSampler:
         return []
 
     def _start_noise(self, job: SampleJob, first: int, n: int) -> torch.Tensor:
-        keys = row_keys(job.seed, first, n, self.device)
+        keys = row_keys(job.seed, job.first_row + first, n, self.device)
         level = torch.full((n,), job.start, dtype=torch.int64, device=self.device)
         return row_noise(keys, level, self.image_shape, stream=job.stream * 4 + _STREAM_START)
 
@@ -118,7 +119,7 @@ class BatchedSampler:
                 new_x.append(job.x_start[nxt : nxt + n].to(self.device, torch.float32))
             else:
                 new_x.append(self._start_noise(job, nxt, n))
-            new_keys.append(row_keys(job.seed, nxt, n, self.device))
+            new_keys.append(row_keys(job.seed, job.first_row + nxt, n, self.device))
             new_streams.append(torch.full((n,), job.stream * 4 + _STREAM_STEP, dtype=torch.int64, device=self.device))
             self.rows.extend(_Row(job, nxt + i, 0) for i in range(n))
             free -= n

@@ -43,20 +43,27 @@ class CosineSchedule:
     def step_coefficients(
         self, t: torch.Tensor, s: torch.Tensor, base: torch.Tensor, eta: float | torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Coefficients of one generalised (DDIM) step t → s under the schedule rebased at `base`.
+        """Coefficients of one step t → s for a party whose data are the images at level `base`.
 
-        x_s = √ᾱ'_s·x̂_b + √(1 − ᾱ'_s − σ²)·ε̂ + σ·z, with σ = η·√((1−ᾱ'_s)/(1−ᾱ'_t))·√(1−ᾱ'_t/ᾱ'_s).
-        With η = 1 and s = t − 1 this is exactly the DDPM ancestral step (posterior q(x_{t−1}|x_t, x_b)).
-        Returned in float64, one value per row.
+        x_s = A·x̂_b + B·x_t + σ·z. The mean (A, B) is the generalised DDIM step under the rebased
+        schedule ᾱ' = ᾱ/ᾱ_b with σ'= η·√((1−ᾱ'_s)/(1−ᾱ'_t))·√(1−ᾱ'_t/ᾱ'_s); with η = 1 and s = t − 1
+        it is exactly the posterior mean of q(x_{t−1} | x_t, x_b) with x̂_b in place of x_b.
+        The added noise σ is that of the original chain (the same formula with ᾱ in place of ᾱ'):
+        x_b is not clean data but a noisy state of the original chain, and the rebased posterior
+        variance would leave out its noise (samples at t_c would come out too smooth). For b = 0 the
+        two coincide. Returned in float64, one value per row.
         """
         a_t, a_s = self.rebased(t, base), self.rebased(s, base)
         eta = torch.as_tensor(eta, dtype=torch.float64)
-        sigma = eta * torch.sqrt((1 - a_s) / (1 - a_t)) * torch.sqrt(1 - a_t / a_s)
+        sigma_rebased = eta * torch.sqrt((1 - a_s) / (1 - a_t)) * torch.sqrt(1 - a_t / a_s)
+        dir_eps = (1 - a_s - sigma_rebased**2).clamp(min=0).sqrt()
+        g_t, g_s = self.alpha_bar[t], self.alpha_bar[s]
+        sigma = eta * torch.sqrt((1 - g_s) / (1 - g_t)) * torch.sqrt(1 - g_t / g_s)
         return {
             "sqrt_a_t": a_t.sqrt(),
             "sqrt_1m_a_t": (1 - a_t).sqrt(),
-            "sqrt_a_s": a_s.sqrt(),
-            "dir_eps": (1 - a_s - sigma**2).clamp(min=0).sqrt(),
+            "A": a_s.sqrt() - dir_eps * a_t.sqrt() / (1 - a_t).sqrt(),
+            "B": dir_eps / (1 - a_t).sqrt(),
             "sigma": sigma,
         }
 

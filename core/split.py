@@ -105,11 +105,10 @@ def sampler_step(
 
     x̂_base is clipped to the range its level can hold: |x_b| ≤ √ᾱ_b + 5·√(1−ᾱ_b) (the data range
     [-1, 1] plus five noise standard deviations). For a client (b = 0) that is the usual clip to
-    [-1, 1]; for the server it only catches a diverging prediction. ε̂ is then made consistent.
+    [-1, 1]; for the server it only catches a diverging prediction.
     """
     c = {k: _bcast(v, x_t) for k, v in schedule.step_coefficients(t.cpu(), s.cpu(), base.cpu(), eta.cpu()).items()}
     a_b = schedule.alpha_bar[base.cpu()]
     bound = _bcast(a_b.sqrt() + 5 * (1 - a_b).sqrt(), x_t)
     x_hat = torch.maximum(torch.minimum((x_t - c["sqrt_1m_a_t"] * eps_hat) / c["sqrt_a_t"], bound), -bound)
-    eps_hat = (x_t - c["sqrt_a_t"] * x_hat) / c["sqrt_1m_a_t"]
-    return c["sqrt_a_s"] * x_hat + c["dir_eps"] * eps_hat + c["sigma"] * noise
+    return c["A"] * x_hat + c["B"] * x_t + c["sigma"] * noise

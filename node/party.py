@@ -16,6 +16,11 @@ from collafuse.core.split import ServerMessage, client_loss, make_server_message
 CLIENT_STREAM = 1  # the client's sampler noise, distinct from the server's (stream 0)
 
 
+def client_seed(seed: int, index: int) -> int:
+    """Client `index`'s seed (model init, batches, noising): the same in a node and in the simulation."""
+    return seed * 1000 + index + 1
+
+
 class ClientParty:
     def __init__(
         self,
@@ -38,7 +43,9 @@ class ClientParty:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if self.has_local_model:
-            self.model = build_unet(model_preset, self.image_shape[-1], conditioned_on_cut=False, channels=self.image_shape[0]).to(self.device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # the same initial weights in a node and in the simulation
+                self.model = build_unet(model_preset, self.image_shape[-1], conditioned_on_cut=False, channels=self.image_shape[0]).to(self.device)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
         self.step = 0
 

@@ -79,15 +79,16 @@ def test_eps2_is_not_the_noise_relative_to_x0():
 
 
 def _reference_posterior(t: int, b: int):
-    """Float64, from scratch: the DDPM posterior q(x_{t-1} | x_t, x_b) under ᾱ' = ᾱ/ᾱ_b."""
+    """Float64, from scratch: the DDPM posterior q(x_{t-1} | x_t, x_b) under ᾱ' = ᾱ/ᾱ_b, and the
+    original chain's posterior variance (the noise the sampler adds)."""
     f = lambda k: math.cos((k / 100 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     betas = [None] + [min(1 - f(k) / f(k - 1), 0.999) for k in range(1, 101)]
-    ab = lambda k: math.prod(1 - betas[j] for j in range(b + 1, k + 1))  # noqa: E731
-    a_t, a_tm1, beta = ab(t), ab(t - 1), betas[t]
-    var = (1 - a_tm1) / (1 - a_t) * beta
+    ab = lambda k, base: math.prod(1 - betas[j] for j in range(base + 1, k + 1))  # noqa: E731
+    a_t, a_tm1, beta = ab(t, b), ab(t - 1, b), betas[t]
     coef_x_b = math.sqrt(a_tm1) * beta / (1 - a_t)
     coef_x_t = math.sqrt(1 - beta) * (1 - a_tm1) / (1 - a_t)
-    return var, coef_x_b, coef_x_t
+    var_original = (1 - ab(t - 1, 0)) / (1 - ab(t, 0)) * beta
+    return var_original, coef_x_b, coef_x_t
 
 
 def test_rebased_posterior_matches_float64_reference():
@@ -96,12 +97,28 @@ def test_rebased_posterior_matches_float64_reference():
         c = S.step_coefficients(ts, ts - 1, torch.full_like(ts, b), 1.0)
         for i, t in enumerate(ts.tolist()):
             var, coef_b, coef_t = _reference_posterior(t, b)
-            # our step: x_s = √a_s·x̂ + dir·ε̂ + σz with ε̂ = (x_t − √a_t·x̂)/√(1−a_t)
-            ours_t = c["dir_eps"][i].item() / c["sqrt_1m_a_t"][i].item()
-            ours_b = c["sqrt_a_s"][i].item() - c["dir_eps"][i].item() * c["sqrt_a_t"][i].item() / c["sqrt_1m_a_t"][i].item()
             assert math.isclose(c["sigma"][i].item() ** 2, var, rel_tol=1e-9, abs_tol=1e-15)
-            assert math.isclose(ours_b, coef_b, rel_tol=1e-9, abs_tol=1e-12)
-            assert math.isclose(ours_t, coef_t, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(c["A"][i].item(), coef_b, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(c["B"][i].item(), coef_t, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_server_sampler_reaches_the_true_marginal_at_the_cut():
+    """With the exact denoiser for Gaussian data, the server's ancestral chain T → t_c produces x_{t_c}
+    with the forward marginal's mean and spread (not the too-smooth posterior mean)."""
+    from collafuse.core.sampler import BatchedSampler, SampleJob
+
+    mu0, s0, b = -0.5, 0.4, 60
+    ab = S.alpha_bar
+
+    def exact_eps2(x, t, base):  # E[ε₂ | x_t] for x₀ ~ N(mu0, s0²) i.i.d.
+        a_t, a_b = ab[t].float().view(-1, 1, 1, 1), ab[base].float().view(-1, 1, 1, 1)
+        noise = (1 - a_t) / (a_t * s0**2 + 1 - a_t) * (x - a_t.sqrt() * mu0)
+        return (1 - a_t / a_b).sqrt() / (1 - a_t) * noise
+
+    out = BatchedSampler(exact_eps2, S, (1, 32, 32), 256).run([SampleJob("j", 256, 100, b, seed=0)])["j"]
+    a_b = ab[b].item()
+    assert abs(out.mean().item() - math.sqrt(a_b) * mu0) < 0.01
+    assert abs(out.std().item() - math.sqrt(a_b * s0**2 + 1 - a_b)) < 0.01
 
 
 def test_level_paths():

@@ -21,7 +21,7 @@ from collafuse.config import SimulateConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import parameter_count, resolve_device
 from collafuse.datasets import load_federated
-from collafuse.node.party import ClientParty
+from collafuse.node.party import ClientParty, client_seed
 from collafuse.tools.images import save_grid
 from collafuse.tools.progress import Progress
 from collafuse.worker.party import ServerParty
@@ -75,12 +75,12 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> d
     data = load_federated(config.data)
     cut_ratios = config.client_cut_ratios()
     clients = [
-        ClientParty(f"client{i}", c, data.clients[i], config.client_model, config.diffusion, config.train, device, seed=config.data.seed * 1000 + i + 1)
+        ClientParty(f"client{i}", c, data.clients[i], config.client_model, config.diffusion, config.train, device, seed=client_seed(config.data.seed, i))
         for i, c in enumerate(cut_ratios)
     ]
     image_shape = tuple(data.clients[0].shape[1:])
     server = (
-        ServerParty(image_shape, config.server_model, config.diffusion, config.train, device)  # type: ignore[arg-type]
+        ServerParty(image_shape, config.server_model, config.diffusion, config.train, device, seed=config.data.seed)  # type: ignore[arg-type]
         if any(c.uses_server for c in clients)
         else None
     )

@@ -29,11 +29,14 @@ class ServerParty:
         train: TrainConfig = TrainConfig(),
         device: torch.device | str = "cpu",
         autocast_bf16: bool = False,
+        seed: int = 0,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
         self.schedule = CosineSchedule(diffusion)
         self.device = torch.device(device)
-        self.model = build_unet(model_preset, image_shape[-1], conditioned_on_cut=True, channels=image_shape[0]).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same initial weights in a worker and in the simulation
+            self.model = build_unet(model_preset, image_shape[-1], conditioned_on_cut=True, channels=image_shape[0]).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
         self.step = 0
@@ -69,10 +72,10 @@ class ServerParty:
         self.model.eval()
         return BatchedSampler(self.eps, self.schedule, self.image_shape, max_batch, self.device)
 
-    def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig) -> SampleJob:
+    def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig, first_row: int = 0) -> SampleJob:
         """The server's part of a generation: x_T ~ N(0, I) from the seed, down to x_{t_c}."""
         levels = self.schedule.levels
         if not 0 <= t_c < levels:
             raise ValueError(f"server denoising needs 0 <= t_c < {levels}, got {t_c}")
         steps, eta = steps_and_eta(sampler, levels, t_c, levels)
-        return SampleJob(job_id, count, levels, t_c, seed, steps, eta, stream=SERVER_STREAM)
+        return SampleJob(job_id, count, levels, t_c, seed, steps, eta, stream=SERVER_STREAM, first_row=first_row)

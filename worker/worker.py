@@ -1,0 +1,263 @@
+"""The worker process: one DEALER connection to the broker, the server model, two batchers.
+
+Each loop: take every waiting message; merge waiting training rows into one optimiser step when
+enough have come or the first has waited long enough, and acknowledge each job after its step;
+run one continuous-batching denoising iteration and answer the jobs it finished. Credit is implicit:
+the broker counts the rows it gave and gets them back with each reply. The trainer publishes its
+weights every `sync_every` steps; the broker relays them to every other worker, which loads them
+between iterations. Heartbeats both ways; a broker silent for interval × liveness means reconnect
+(Paranoid Pirate), dropping work that the broker will have re-queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+from collafuse.config import DiffusionConfig, SamplerConfig, WorkerConfig
+from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.core.models import resolve_device
+from collafuse.core.sampler import SampleJob
+from collafuse.core.split import ServerMessage
+from collafuse.protocol import tensors, wire
+from collafuse.protocol.wire import ErrorCode, ProtocolError
+from collafuse.worker.party import ServerParty
+
+log = logging.getLogger("collafuse.worker")
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, context: zmq.Context | None = None, seed: int = 0) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.shape = (config.channels, config.image_size, config.image_size)
+        self.device = resolve_device(config.device)
+        self.party = ServerParty(
+            self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train_config, self.device, config.bf16, seed=seed
+        )
+        if config.checkpoint and Path(config.checkpoint).is_file():
+            meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
+            self.party.step = int(meta.get("step", 0))
+            log.info("resumed the server model from %s at step %d", config.checkpoint, self.party.step)
+        self.ctx = context or zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.engine = self.party.sampler(config.max_batch)
+        self.denoising: dict[str, dict] = {}  # engine job id → envelope
+        self.pending: list[tuple[dict, ServerMessage]] = []  # training rows waiting for an optimiser step
+        self.pending_since = 0.0
+        self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # train jobs already applied → their ack
+        self.stopping = False
+        self.last_heard = self.next_heartbeat = 0.0
+        self.last_checkpoint_step = self.party.step
+        self.stats = {"train_steps": 0, "train_rows": 0, "denoise_iterations": 0, "denoise_rows": 0, "jobs": 0}
+
+    # ---- connection -------------------------------------------------------------------------
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.engine = self.party.sampler(self.config.max_batch)  # the broker re-queues what we held
+        self.denoising.clear()
+        self.pending.clear()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_frame_bytes)
+        self.sock.connect(self.config.broker)
+        self.send(
+            wire.encode(
+                "ready",
+                worker=self.config.name,
+                denoise_credit=self.config.max_batch + self.config.queue_rows,
+                train_credit=2 * self.config.max_train_rows,
+                trainer=self.config.train,
+                image_shape=list(self.shape),
+                levels=self.limits.levels,
+                model=self.config.model,
+            )
+        )
+        self.last_heard = time.monotonic()
+        log.info("connected to %s as %s", self.config.broker, self.config.name)
+
+    def send(self, *frames: bytes) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart(list(frames), copy=False)
+
+    def reply_error(self, env: dict, exc: ProtocolError) -> None:
+        self.send(wire.encode("error", job=env.get("job", ""), client=env.get("client", ""), code=exc.code, reason=exc.reason))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self.connect()
+        hb = self.config.heartbeat
+        while not self.stopping:
+            busy = not self.engine.idle() or bool(self.pending)
+            assert self.sock is not None
+            if self.sock.poll(0 if busy else int(hb.interval * 1000 / 2), zmq.POLLIN):
+                self.drain()
+            self.maybe_train()
+            if not self.engine.idle():
+                self.denoise_once()
+            now = time.monotonic()
+            if now >= self.next_heartbeat:
+                self.send(wire.encode("heartbeat"))
+                self.next_heartbeat = now + hb.interval
+            if now - self.last_heard > hb.interval * hb.liveness:
+                log.warning("broker silent for %.1f s: reconnecting", now - self.last_heard)
+                self.connect()
+            if self.config.checkpoint and self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every:
+                self.checkpoint()
+        self.shutdown()
+
+    def drain(self) -> None:
+        assert self.sock is not None
+        for _ in range(1000):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                self.on_message(frames)
+            except Exception:
+                log.exception("unexpected error while handling a message")
+
+    def on_message(self, frames: list[zmq.Frame]) -> None:
+        try:
+            env = wire.decode(frames[0].buffer, self.limits)
+        except ProtocolError as exc:
+            log.warning("bad envelope from the broker: %s", exc)
+            return
+        kind = env["type"]
+        try:
+            if kind == "train":
+                self.on_train(env, frames)
+            elif kind == "denoise":
+                self.on_denoise(env, frames)
+            elif kind == "weights" and len(frames) == 2:
+                self.on_weights(env, frames[1])
+            elif kind == "error" and env["code"] in (ErrorCode.NOT_JOINED, ErrorCode.INCOMPATIBLE):
+                if env["code"] == ErrorCode.INCOMPATIBLE:
+                    log.error("broker refused this worker: %s", env["reason"])
+                    self.stopping = True
+                else:
+                    self.connect()
+        except ProtocolError as exc:
+            exc.job = env.get("job", "")
+            self.reply_error(env, exc)
+
+    def on_train(self, env: dict, frames: list[zmq.Frame]) -> None:
+        key = (env["client"], env["job"])
+        if key in self.applied:  # applied before a broker restart: acknowledge again, do not re-apply
+            self.send(self.applied[key])
+            return
+        if len(frames) != 2:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "train needs a tensor frame")
+        spec = wire.tensor_spec(env, self.shape)
+        arrays = tensors.decode(frames[1].buffer, spec, self.limits.max_frame_bytes)
+        t = torch.from_numpy(arrays["t"].copy())
+        if bool(((t <= env["t_c"]) | (t > self.limits.levels)).any()):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"train levels t must lie in ({env['t_c']}, {self.limits.levels}]")
+        x_t, eps = torch.from_numpy(arrays["x_t"].copy()), torch.from_numpy(arrays["eps"].copy())
+        if not (torch.isfinite(x_t).all() and torch.isfinite(eps).all()):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "train tensors hold NaN or infinity")
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((env, ServerMessage(x_t, t, torch.full_like(t, env["t_c"]), eps)))
+
+    def maybe_train(self) -> None:
+        if not self.pending:
+            return
+        rows = sum(m.t.shape[0] for _, m in self.pending)
+        if rows < self.config.max_train_rows and time.monotonic() - self.pending_since < self.config.train_wait:
+            return
+        batch, total = [], 0
+        while self.pending and (not batch or total + self.pending[0][1].t.shape[0] <= self.config.max_train_rows):
+            env, msg = self.pending.pop(0)
+            batch.append((env, msg))
+            total += msg.t.shape[0]
+        loss = self.party.train_step([m for _, m in batch])
+        self.stats["train_steps"] += 1
+        self.stats["train_rows"] += total
+        self.pending_since = time.monotonic()
+        for env, _ in batch:
+            ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(loss))
+            self.applied[(env["client"], env["job"])] = ack
+            self.send(ack)
+        while len(self.applied) > 4096:
+            self.applied.popitem(last=False)
+        self.stats["jobs"] += len(batch)
+        if self.party.step % self.config.sync_every == 0:
+            self.publish_weights()
+
+    def on_denoise(self, env: dict, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 1:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "denoise carries no tensor frame")
+        sampler = SamplerConfig(kind=env["sampler"], ddim_steps=env["steps"], eta=env["eta"])
+        key = f"{env['client']}\x00{env['job']}"
+        if key in self.denoising:
+            return
+        job = self.party.denoise_job(key, env["count"], env["t_c"], env["seed"], sampler, first_row=env["first_row"])
+        self.denoising[key] = env
+        for done in self.engine.submit(job):
+            self.finish(done)
+
+    def denoise_once(self) -> None:
+        before = self.engine.rows_processed
+        finished = self.engine.iterate()
+        self.stats["denoise_iterations"] += 1
+        self.stats["denoise_rows"] += self.engine.rows_processed - before
+        for job in finished:
+            self.finish(job)
+
+    def finish(self, job: SampleJob) -> None:
+        env = self.denoising.pop(job.job_id)
+        assert job.result is not None
+        blob = tensors.encode({"x": job.result.numpy().astype(np.float32)})
+        self.send(wire.encode("result", job=env["job"], client=env["client"], count=env["count"]), blob)
+        self.stats["jobs"] += 1
+
+    def publish_weights(self) -> None:
+        state = {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
+        self.send(wire.encode("weights", version=self.party.step), tensors.encode(state))
+
+    def on_weights(self, env: dict, blob: zmq.Frame) -> None:
+        arrays = tensors.decode(blob.buffer, None, self.limits.max_frame_bytes)
+        current = self.party.model.state_dict()
+        if set(arrays) != set(current) or any(tuple(arrays[k].shape) != tuple(current[k].shape) for k in current):
+            log.error("ignoring weights that do not fit this worker's model")
+            return
+        self.party.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        self.party.step = env["version"]
+        log.info("loaded weights version %d from the trainer", env["version"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model})
+        self.last_checkpoint_step = self.party.step
+        log.info("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
+
+    def shutdown(self) -> None:
+        """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once)."""
+        if self.pending:
+            self.pending_since = -1e9
+            while self.pending:
+                self.maybe_train()
+        if self.config.checkpoint:
+            self.checkpoint()
+        if self.sock is not None:
+            self.send(wire.encode("bye"))
+            self.sock.close(linger=1000)
+            self.sock = None
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum, _frame):
+            log.info("signal %s: stopping after this iteration", signum)
+            self.stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
