@@ -330,20 +330,21 @@ class Broker:
         return best if best is not None and best.credit["denoise"] >= job.rows else None
 
     def dispatch(self) -> None:
-        """Round robin: each (client, kind) with queued work gets one job per turn while credit lasts."""
+        """Round robin: the (client, kind) queue served last goes to the back of the line; a queue
+        whose head does not fit any worker's credit keeps its place."""
         progress = True
         while progress and self.turns:
             progress = False
-            for _ in range(len(self.turns)):
-                name, kind = self.turns[0]
-                self.turns.rotate(-1)
+            for entry in list(self.turns):
+                name, kind = entry
                 queue = self.clients[name].queues[kind]
                 worker = self.pick_worker(queue[0])
                 if worker is None:
                     continue
                 job = queue.popleft()
-                if not queue:
-                    self.turns.remove((name, kind))
+                self.turns.remove(entry)
+                if queue:
+                    self.turns.append(entry)
                 job.worker, job.attempts = worker.route, job.attempts + 1
                 worker.credit[kind] -= job.rows
                 worker.jobs[(name, job.job_id)] = job
@@ -351,8 +352,6 @@ class Broker:
                 self.backend.send_multipart([worker.route, *job.frames], copy=False)
                 self.forwarded += 1
                 progress = True
-                if not self.turns:
-                    break
 
     def heartbeat(self) -> None:
         now = time.monotonic()

@@ -139,6 +139,7 @@ def worker(
     name: str = typer.Option("worker", "--name", help="Worker name shown in status."),
     device: str = typer.Option("auto", "--device", help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
+    queue_rows: int = typer.Option(64, "--queue-rows", min=0, help="Denoising rows held beyond the pool so it stays full (credit = max batch + this)."),
     model: str = typer.Option("tiny", "--model", help="Server U-Net preset: tiny, paper or large."),
     image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
     train: bool = typer.Option(True, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time)."),
@@ -160,7 +161,7 @@ def worker(
     from collafuse.worker.worker import Worker
 
     config = WorkerConfig(
-        broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, train=train,
+        broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
         max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, bf16=bf16, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
         train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
@@ -200,6 +201,75 @@ def status(
     typer.echo(f"clients ({len(st['clients'])}):")
     for name, c in st["clients"].items():
         typer.echo(f"  {name:<12} queued {c['queued']:>3}  in flight {c['in_flight']:>3}  submitted {c['submitted']:>6}  completed {c['completed']:>6}  errors {c['errors']:>3}  busy {c['busy']:>3}")
+
+
+@app.command()
+def up(
+    workers: int = typer.Option(1, "--workers", min=1, help="Workers to start; the first trains, all denoise."),
+    device: str = typer.Option("auto", "--device", help="Device for every worker."),
+    model: str = typer.Option("tiny", "--model", help="Server U-Net preset."),
+    image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
+    state: Path = typer.Option(Path("collafuse-server"), "--state", help="Folder for logs and the server checkpoint."),
+) -> None:
+    """Start a broker and workers on this machine and keep them running until Ctrl-C."""
+    import signal
+    import time
+
+    from collafuse.tools.demo import start_server_side
+    from collafuse.tools.launch import Fleet
+
+    fleet = Fleet(state / "logs")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        frontend, backend = start_server_side(
+            fleet, workers, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch)], state
+        )
+        typer.echo(f"up: broker {frontend} (nodes) / {backend} (workers), {workers} worker(s); logs in {fleet.logs}")
+        typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {image_size}")
+        while not stop["now"] and all(fleet.alive(n) for n in list(fleet.procs)):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except TimeoutError as exc:
+        fail(f"{exc}; see {fleet.logs}")
+    finally:
+        fleet.stop_all()
+    typer.echo("up: stopped")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Report folder (report/ holds samples.png, real.png, metrics.json)."),
+    clients: int = typer.Option(3, "--clients", min=1, help="Nodes to start."),
+    cut_ratio: str = typer.Option("0.6", "--cut-ratio", help="One c for all nodes or a comma list, one per node."),
+    steps: int = typer.Option(300, "--steps", min=1, help="Local training steps per node."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per node per step."),
+    image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Images each node generates at the end."),
+    client_model: str = typer.Option("tiny", "--client-model", help="Node U-Net preset."),
+    server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
+    device: str = typer.Option("auto", "--device", help="Device for the worker and nodes."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data shards and training."),
+) -> None:
+    """Broker, worker and nodes as separate processes on loopback: train, generate, report."""
+    from collafuse.tools.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=out, clients=clients, cut_ratios=parse_ratios(cut_ratio), steps=steps, batch_size=batch_size,
+                     image_size=image_size, samples=samples, client_model=client_model, server_model=server_model,
+                     device=device, seed=seed)
+    try:
+        result = run_demo(cfg, say=lambda line: typer.echo(line, err=True))
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        fail(str(exc))
+    report = result["report"]
+    typer.echo(f"demo done in {result['metrics']['wall_seconds']:.0f} s")
+    for name, c in result["metrics"]["clients"].items():
+        local = c["local_loss"][-1][1] if c.get("local_loss") else float("nan")
+        server = c["server_loss"][-1][1] if c.get("server_loss") else float("nan")
+        typer.echo(f"  {name}: c={c['cut_ratio']} t_c={c['t_c']}  local loss {local:.4f}  server loss {server:.4f}  train jobs acked {c['acked']}/{c['sent']}")
+    typer.echo(f"report: {report / 'samples.png'} (one row per client), {report / 'real.png'}, {report / 'metrics.json'}")
 
 
 if __name__ == "__main__":

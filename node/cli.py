@@ -29,6 +29,8 @@ STATE = typer.Option("", "--state", help="Folder for the local checkpoint and pr
 SEED = typer.Option(0, "--seed", help="Seed for the data shards and this node's training.")
 DEVICE = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda:N'.")
 LEVELS = typer.Option(100, "--levels", help="T, the number of noise levels (must match the server).")
+HB_INTERVAL = typer.Option(1.0, "--heartbeat-interval", min=0.01, help="Seconds between heartbeats to the broker.")
+HB_LIVENESS = typer.Option(10, "--heartbeat-liveness", min=1, help="Missed heartbeats before the node reconnects and re-sends.")
 
 
 @app.callback()
@@ -38,12 +40,13 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log connec
 
 
 def _config(**kw):
-    from collafuse.config import DataConfig, NodeConfig, ProtocolLimits, TrainConfig
+    from collafuse.config import DataConfig, HeartbeatConfig, NodeConfig, ProtocolLimits, TrainConfig
 
+    heartbeat = HeartbeatConfig(kw.pop("heartbeat_interval", 1.0), kw.pop("heartbeat_liveness", 10))
     data = DataConfig(spec=kw.pop("data"), image_size=kw.pop("image_size"), seed=kw["seed"], clients=kw["shards"])
     train = TrainConfig(batch_size=kw.pop("batch_size", 32), learning_rate=kw.pop("lr", 1e-3))
     limits = ProtocolLimits(levels=kw.pop("levels"))
-    return NodeConfig(data=data, train=train, limits=limits, **kw)
+    return NodeConfig(data=data, train=train, limits=limits, heartbeat=heartbeat, **kw)
 
 
 @app.command()
@@ -66,6 +69,8 @@ def join(
     seed: int = SEED,
     device: str = DEVICE,
     levels: int = LEVELS,
+    heartbeat_interval: float = HB_INTERVAL,
+    heartbeat_liveness: int = HB_LIVENESS,
 ) -> None:
     """Train the local model on levels 1..t_c and stream server-training messages to the broker."""
     from collafuse.datasets import DataError
@@ -75,7 +80,8 @@ def join(
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data=data, shard=shard, shards=shards, image_size=image_size,
                       model=model, state=state, steps=steps, batch_size=batch_size, lr=lr, window=window,
-                      checkpoint_every=checkpoint_every, seed=seed, device=device, levels=levels)
+                      checkpoint_every=checkpoint_every, seed=seed, device=device, levels=levels,
+                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness)
         runner = Join(cfg, lockstep=lockstep)
         runner.install_signal_handlers()
         figures = runner.run()
@@ -105,6 +111,8 @@ def generate(
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the server's part."),
     device: str = DEVICE,
     levels: int = LEVELS,
+    heartbeat_interval: float = HB_INTERVAL,
+    heartbeat_liveness: int = HB_LIVENESS,
 ) -> None:
     """Generate images: the server denoises T -> t_c through the broker, this node finishes t_c -> 0."""
     from collafuse.config import SamplerConfig
@@ -113,7 +121,8 @@ def generate(
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data="mni", shard=shard, shards=shards, image_size=image_size,
-                      model=model, state=state, seed=0, device=device, levels=levels)
+                      model=model, state=state, seed=0, device=device, levels=levels,
+                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness)
         info = run_generate(cfg, n, out, seed, SamplerConfig(kind=sampler, ddim_steps=ddim_steps))
     except (ValueError, FileNotFoundError, TimeoutError, RuntimeError, BrokerRefused) as exc:
         fail(str(exc))

@@ -1,0 +1,222 @@
+"""The networked system as real processes on loopback: broker, workers, nodes.
+
+Every process is started through the CLI and stopped by its id at the end of each test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from collafuse.node.link import fetch_status
+from collafuse.protocol import tensors, wire
+from collafuse.tools.launch import Fleet, cli, free_port, wait_for
+from tests.netclient import RawClient
+
+FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "5"]
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = Fleet(tmp_path / "logs", threads=1)
+    yield f
+    f.stop_all(timeout=20)
+
+
+def start_broker(fleet: Fleet, *extra: str, name: str = "broker", ports=None) -> tuple[str, str]:
+    fp, bp = ports or (free_port(), free_port())
+    front, back = f"tcp://127.0.0.1:{fp}", f"tcp://127.0.0.1:{bp}"
+    fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *FAST_HB, *extra))
+    wait_for(lambda: _status(front) is not None, 30, what="broker")
+    return front, back
+
+
+def _status(front: str):
+    try:
+        return fetch_status(front, timeout=0.5)
+    except (TimeoutError, ConnectionError):
+        return None
+
+
+def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str) -> None:
+    fleet.start(name, cli("worker", "--broker", back, "--name", name, "--device", "cpu", *FAST_HB, *extra))
+    wait_for(lambda: any(w["name"] == name for w in (_status(front) or {}).get("workers", [])), 120, what=f"{name} to register")
+
+
+def node(*args: str) -> list[str]:
+    return cli(*args, module="collafuse.node.cli")
+
+
+def test_malformed_messages_get_errors_and_the_broker_keeps_serving(fleet):
+    front, _ = start_broker(fleet, "--max-frame-bytes", "200000")
+    bad = RawClient(front, "mallory")
+    good = RawClient(front, "alice")
+    bad.send(b"\x00garbage")
+    assert bad.recv()[0]["code"] == "bad_envelope"
+    bad.send(msgpack.packb({"v": 7, "type": "hello"}))
+    assert bad.recv()[0]["code"] == "bad_version"
+    bad.send(wire.encode("frobnicate"))
+    assert bad.recv()[0]["code"] == "unknown_type"
+    bad.send(wire.encode("denoise", job="j0", client="mallory", count=2, t_c=60, seed=0, first_row=0, sampler="ddim", steps=4, eta=0.0))
+    assert bad.recv()[0]["code"] == "not_joined"
+    bad.hello()
+    bad.send(wire.encode("train", job="j1", client="mallory", rows="many", t_c=60))
+    assert bad.recv()[0]["code"] == "bad_field"
+    env = wire.encode("train", job="j2", client="mallory", rows=2, t_c=60)
+    bad.send(env)  # no tensor frame
+    assert bad.recv()[0]["code"] == "bad_tensor"
+    blob = tensors.encode({"x_t": np.zeros((2, 1, 32, 32), np.float32), "t": np.full(2, 70), "eps": np.zeros((2, 1, 32, 32), np.float32)})
+    bad.send(env, blob[: len(blob) // 2])  # truncated
+    reply = bad.recv()[0]
+    assert reply["code"] == "bad_tensor" and reply["job"] == "j2"
+    wrong = tensors.encode({"x_t": np.zeros((2, 1, 16, 16), np.float32), "t": np.full(2, 70), "eps": np.zeros((2, 1, 16, 16), np.float32)})
+    bad.send(env, wrong)  # wrong shape for this client
+    assert "expected F32[2, 1, 32, 32]" in bad.recv()[0]["reason"]
+    bad.send(env, b"\0" * 300_000)  # oversized
+    assert bad.recv()[0]["code"] == "too_large"
+    bad.send(env, blob, b"extra")  # too many frames
+    assert bad.recv()[0]["code"] == "bad_envelope"
+    good.hello()
+    good.send(wire.encode("status"))
+    st = good.recv()[0]["status"]
+    assert st["clients"]["mallory"]["errors"] >= 4  # the tensor-level refusals, counted per client
+    assert fleet.alive("broker")
+
+
+def test_end_to_end_three_nodes_train_and_generate(fleet, tmp_path):
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "w0", "--max-train-rows", "24", "--checkpoint", str(tmp_path / "server.safetensors"))
+    names = ["n0", "n1", "n2"]
+    for i, n in enumerate(names):
+        fleet.start(n, node("join", "--broker", front, "--name", n, "--shard", str(i), "--shards", "3", "--cut-ratio", ["0.4", "0.6", "1.0"][i],
+                            "--steps", "12", "--batch-size", "8", "--state", str(tmp_path / n), "--device", "cpu", *FAST_HB))
+    for n in names:
+        assert fleet.wait(n, 300) == 0, fleet.tail(n)
+    progress = {n: json.loads((tmp_path / n / "progress.json").read_text()) for n in names}
+    for n in ("n0", "n1"):
+        assert progress[n]["done"] and progress[n]["acked"] == progress[n]["sent"] > 0
+    assert progress["n2"]["sent"] == 0 and progress["n2"]["t_c"] == 100  # c = 1: no server at all
+    for i, n in enumerate(names):
+        fleet.start(f"{n}-gen", node("generate", "--broker", front, "--name", n, "--cut-ratio", ["0.4", "0.6", "1.0"][i], "--n", "5",
+                                     "--out", str(tmp_path / n / "gen"), "--state", str(tmp_path / n), "--device", "cpu",
+                                     "--sampler", "ddim", "--ddim-steps", "10"))
+    for n in names:
+        assert fleet.wait(f"{n}-gen", 300) == 0, fleet.tail(f"{n}-gen")
+        assert len(list((tmp_path / n / "gen").glob("sample_*.png"))) == 5
+    st = _status(front)
+    assert st["clients"]["n0"]["completed"] > 0 and st["queued"] == 0 and st["in_flight"] == 0
+    assert "n2" not in st["clients"]
+    fleet.stop("w0")
+    assert (tmp_path / "server.safetensors").is_file()
+
+
+def test_one_node_through_the_network_equals_the_in_process_run(fleet, tmp_path):
+    """Lockstep node + a worker taking one job per optimiser step = the simulation, bit for bit-ish."""
+    steps, batch = 6, 4
+    sim = tmp_path / "sim"
+    from subprocess import run
+    import sys
+
+    proc = run([sys.executable, "-m", "collafuse.cli", "simulate", "--out", str(sim), "--clients", "1", "--cut-ratio", "0.6",
+                "--steps", str(steps), "--batch-size", str(batch), "--samples", "4", "--sampler", "ddim", "--ddim-steps", "10",
+                "--device", "cpu"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "w0", "--max-train-rows", str(batch), "--train-wait", "0", "--checkpoint", str(tmp_path / "server.safetensors"))
+    fleet.start("n0", node("join", "--broker", front, "--name", "client0", "--shard", "0", "--shards", "1", "--cut-ratio", "0.6",
+                           "--steps", str(steps), "--batch-size", str(batch), "--lockstep", "--window", "1",
+                           "--state", str(tmp_path / "n0"), "--device", "cpu"))
+    assert fleet.wait("n0", 300) == 0, fleet.tail("n0")
+    fleet.start("gen", node("generate", "--broker", front, "--name", "client0", "--cut-ratio", "0.6", "--n", "4", "--seed", "1234",
+                            "--out", str(tmp_path / "gen"), "--state", str(tmp_path / "n0"), "--device", "cpu", "--sampler", "ddim", "--ddim-steps", "10"))
+    assert fleet.wait("gen", 300) == 0, fleet.tail("gen")
+    fleet.stop("w0")
+
+    def weights(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+
+    for ours, theirs in [(tmp_path / "server.safetensors", sim / "checkpoints" / "server.safetensors"),
+                         (tmp_path / "n0" / "local.safetensors", sim / "checkpoints" / "client0.safetensors")]:
+        a, b = weights(ours), weights(theirs)
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), ours
+    with safe_open(str(tmp_path / "gen" / "samples.safetensors"), framework="pt") as f:
+        net = f.get_tensor("images")
+    with safe_open(str(sim / "samples.safetensors"), framework="pt") as f:
+        local = f.get_tensor("client0.images")
+    assert torch.allclose(net, local, atol=1e-3)
+
+
+def test_worker_killed_mid_batch_loses_and_duplicates_nothing(fleet):
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "victim", "--max-batch", "8", "--queue-rows", "8")
+    start_worker(fleet, back, front, "survivor", "--max-batch", "8", "--queue-rows", "8", "--no-train")
+    client = RawClient(front, "c")
+    client.hello()
+    jobs = {f"job{i}" for i in range(12)}
+    for j in sorted(jobs):
+        client.denoise(j, count=4, sampler="ancestral")
+    victim = next(w for w in _status(front)["workers"] if w["name"] == "victim")
+    wait_for(lambda: next(w for w in _status(front)["workers"] if w["name"] == "victim")["in_flight"] > 0, 30, what="victim busy")
+    os.kill(fleet.procs["victim"].pid, signal.SIGKILL)
+    got = client.collect(jobs, timeout=240)
+    assert set(got) == jobs, f"lost: {jobs - set(got)}"
+    assert all(len(v) == 1 for v in got.values()), {k: len(v) for k, v in got.items() if len(v) != 1}
+    assert all(v[0]["type"] == "result" for v in got.values())
+    st = _status(front)
+    assert [w["name"] for w in st["workers"]] == ["survivor"] and victim is not None
+
+
+def test_flooding_client_does_not_starve_a_polite_one(fleet):
+    import zmq
+
+    front, back = start_broker(fleet, "--max-queue", "40")
+    start_worker(fleet, back, front, "w0", "--max-batch", "4", "--queue-rows", "4")
+    flood, polite = RawClient(front, "flood"), RawClient(front, "polite")
+    flood.hello(), polite.hello()
+    for i in range(50):
+        flood.denoise(f"f{i}", count=4, sampler="ancestral")
+    time.sleep(0.3)
+    polite.denoise("p0", count=4, sampler="ancestral")
+    poller = zmq.Poller()
+    poller.register(flood.sock, zmq.POLLIN)
+    poller.register(polite.sock, zmq.POLLIN)
+    order, busy = [], 0
+    deadline = time.monotonic() + 180
+    while "p0" not in order and time.monotonic() < deadline:
+        for sock, _ in poller.poll(500):
+            env = msgpack.unpackb(sock.recv_multipart()[0])
+            if env.get("code") == "busy":
+                busy += 1
+            elif env["type"] in ("result", "error"):
+                order.append(env["job"])
+    assert "p0" in order
+    assert busy >= 5  # the queue is bounded: the excess was refused at once
+    assert order.index("p0") <= 4, f"the polite job waited behind {order.index('p0')} flood jobs"
+
+
+def test_broker_restart_nodes_and_workers_resume(fleet, tmp_path):
+    ports = (free_port(), free_port())
+    front, back = start_broker(fleet, ports=ports)
+    start_worker(fleet, back, front, "w0", "--max-train-rows", "8")
+    fleet.start("n0", node("join", "--broker", front, "--name", "n0", "--shards", "1", "--steps", "400", "--batch-size", "4",
+                           "--window", "2", "--state", str(tmp_path / "n0"), "--device", "cpu", *FAST_HB))
+    wait_for(lambda: (_status(front) or {}).get("clients", {}).get("n0", {}).get("completed", 0) >= 3, 120, what="first acks")
+    os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
+    fleet.procs.pop("broker").wait()
+    time.sleep(1.5)
+    start_broker(fleet, ports=ports, name="broker2")
+    wait_for(lambda: (_status(front) or {}).get("clients", {}).get("n0", {}).get("completed", 0) >= 3, 120, what="acks after restart")
+    assert fleet.wait("n0", 600) == 0, fleet.tail("n0")
+    progress = json.loads((tmp_path / "n0" / "progress.json").read_text())
+    assert progress["reconnects"] >= 1
+    assert progress["acked"] == progress["sent"] and progress["in_flight"] == 0

@@ -1,0 +1,135 @@
+"""`collafuse demo` and `collafuse up`: the whole system as separate processes on loopback.
+
+The demo starts a broker, a worker and one node per client (each its own process, talking over
+TCP on 127.0.0.1), shows progress while the nodes train, has every node generate images through
+the broker, and writes a report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from collafuse.node.link import fetch_status
+from collafuse.tools.launch import Fleet, cli, free_port, wait_for
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    clients: int = 3
+    cut_ratios: tuple[float, ...] = (0.6,)
+    steps: int = 300
+    batch_size: int = 16
+    image_size: int = 32
+    samples: int = 16
+    client_model: str = "tiny"
+    server_model: str = "tiny"
+    device: str = "auto"
+    data: str = "mni"
+    seed: int = 0
+    threads: int = 1  # torch threads per process: five processes share a small CPU
+
+
+def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None) -> tuple[str, str]:
+    """A broker and `workers` workers (the first offers to train); returns (frontend, backend)."""
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend))
+    for i in range(workers):
+        args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args]
+        if checkpoint_dir is not None and i == 0:
+            args += ["--checkpoint", str(checkpoint_dir / "server.safetensors")]
+        if i > 0:
+            args.append("--no-train")
+        fleet.start(f"worker{i}", cli(*args))
+    wait_for(lambda: len(_status(frontend).get("workers", [])) >= workers, 120, what="the workers to register")
+    return frontend, backend
+
+
+def _status(frontend: str) -> dict[str, Any]:
+    try:
+        return fetch_status(frontend, timeout=2.0)
+    except (TimeoutError, ConnectionError):
+        return {}
+
+
+def _progress(state: Path) -> dict[str, Any]:
+    try:
+        return json.loads((state / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
+    started = time.monotonic()
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(out / "logs", threads=cfg.threads)
+    ratios = list(cfg.cut_ratios) * cfg.clients if len(cfg.cut_ratios) == 1 else list(cfg.cut_ratios)
+    if len(ratios) != cfg.clients:
+        raise ValueError(f"give one cut ratio or one per client ({cfg.clients})")
+    names = [f"client{i}" for i in range(cfg.clients)]
+    common = ["--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(cfg.seed)]
+    try:
+        say(f"[demo] starting broker and worker (logs in {fleet.logs})")
+        frontend, _ = start_server_side(
+            fleet, 1, ["--model", cfg.server_model, "--max-train-rows", str(cfg.batch_size * cfg.clients), *common], out
+        )
+        say(f"[demo] broker at {frontend}; starting {cfg.clients} nodes, {cfg.steps} local steps each")
+        for i, (name, c) in enumerate(zip(names, ratios)):
+            fleet.start(name, cli(
+                "join", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--data", cfg.data, "--shard", str(i),
+                "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+                "--model", cfg.client_model, "--state", str(out / name), *common, module="collafuse.node.cli"))
+        next_report = 0.0
+        while any(fleet.alive(n) for n in names):
+            if time.monotonic() >= next_report:
+                st = _status(frontend)
+                parts = [f"{n} {p.get('step', 0)}/{cfg.steps}" for n, p in ((n, _progress(out / n)) for n in names)]
+                done = sum(c.get("completed", 0) for c in st.get("clients", {}).values())
+                say(f"[demo] {time.monotonic() - started:5.0f} s  train: {'  '.join(parts)}  server jobs done {done}")
+                next_report = time.monotonic() + 10
+            time.sleep(0.5)
+        for n in names:
+            code = fleet.wait(n, 5)
+            if code != 0:
+                raise RuntimeError(f"node {n} exited with {code}:\n{fleet.tail(n)}")
+        say("[demo] training done; generating through the broker")
+        for i, (name, c) in enumerate(zip(names, ratios)):
+            fleet.start(f"{name}-generate", cli(
+                "generate", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--n", str(cfg.samples),
+                "--out", str(out / name / "samples"), "--state", str(out / name), "--model", cfg.client_model,
+                "--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(1234 + i), module="collafuse.node.cli"))
+        for name in names:
+            if fleet.wait(f"{name}-generate", 900) != 0:
+                raise RuntimeError(f"generation for {name} failed:\n{fleet.tail(name + '-generate')}")
+        status = _status(frontend)
+    finally:
+        fleet.stop_all()
+    return write_report(cfg, names, ratios, status, time.monotonic() - started)
+
+
+def write_report(cfg: DemoConfig, names: list[str], ratios: list[float], status: dict, seconds: float) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from collafuse.config import DataConfig
+    from collafuse.datasets import load_federated
+    from collafuse.tools.images import save_grid
+
+    report = cfg.out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    samples = [load_file(str(cfg.out / n / "samples" / "samples.safetensors"))["images"] for n in names]
+    save_grid(samples, report / "samples.png")
+    data = load_federated(DataConfig(spec=cfg.data, clients=cfg.clients, image_size=cfg.image_size, seed=cfg.seed, images_per_client=cfg.samples))
+    save_grid([x[: cfg.samples] for x in data.clients], report / "real.png")
+    metrics = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "wall_seconds": round(seconds, 1),
+        "clients": {n: {"cut_ratio": c, **_progress(cfg.out / n)} for n, c in zip(names, ratios)},
+        "broker_status": status,
+    }
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"report": report, "metrics": metrics}
