@@ -68,6 +68,7 @@ class WorkerState:
     last_seen: float
     jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
     completed: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # the worker's own counters, from its heartbeats
 
 
 class Broker:
@@ -261,6 +262,9 @@ class Broker:
         elif worker is None:
             # Unknown (e.g. declared dead, or the broker restarted): it must say ready again.
             self.backend.send_multipart([route, wire.error("", ErrorCode.NOT_JOINED, "send ready first")])
+        elif kind == "heartbeat":
+            if isinstance(env.get("stats"), dict):
+                worker.stats = env["stats"]
         elif kind in ("ack", "result", "error"):
             self.on_reply(worker, env, frames)
         elif kind == "weights" and route == self.trainer and len(frames) == 2:
@@ -381,6 +385,7 @@ class Broker:
                     "in_flight": len(w.jobs),
                     "completed": w.completed,
                     "last_seen_s": round(now - w.last_seen, 2),
+                    "stats": w.stats,
                 }
                 for w in self.workers.values()
             ],

@@ -53,7 +53,7 @@ def simulate(
     data: str = typer.Option("mni", help="'mni' (embedded MNI152 slices), 'brats:PATH' or 'images:PATH'."),
     client_model: str = typer.Option("tiny", help="Client U-Net preset: tiny, paper or large."),
     server_model: str = typer.Option("tiny", help="Server U-Net preset: tiny, paper or large."),
-    batch_size: int = typer.Option(32, help="Images per client per step."),
+    batch_size: int = typer.Option(16, help="Images per client per step."),
     lr: float = typer.Option(1e-3, help="Adam learning rate (both parties)."),
     images_per_client: int = typer.Option(512, help="Augmented images per client (embedded data)."),
     samples: int = typer.Option(16, help="Images generated per client at the end."),
@@ -270,6 +270,58 @@ def demo(
         server = c["server_loss"][-1][1] if c.get("server_loss") else float("nan")
         typer.echo(f"  {name}: c={c['cut_ratio']} t_c={c['t_c']}  local loss {local:.4f}  server loss {server:.4f}  train jobs acked {c['acked']}/{c['sent']}")
     typer.echo(f"report: {report / 'samples.png'} (one row per client), {report / 'real.png'}, {report / 'metrics.json'}")
+
+
+@app.command()
+def loadtest(
+    clients: int = typer.Option(64, "--clients", min=1, help="Simulated clients (many per process and per socket)."),
+    duration: float = typer.Option(10.0, "--duration", min=0.1, help="Seconds of load; then outstanding jobs get --drain seconds."),
+    mode: str = typer.Option("denoise", "--mode", help="denoise, train or mixed."),
+    broker: str = typer.Option("", "--broker", help="A running broker's frontend; empty: start a broker and a worker here."),
+    rows: int = typer.Option(1, "--rows", min=1, help="Images per job."),
+    ddim_steps: int = typer.Option(10, "--ddim-steps", min=1, help="DDIM steps over T..0 per denoise job (the server does its share)."),
+    image_size: int = typer.Option(32, "--image-size", help="Must match the worker's model."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="For the worker started here."),
+    model: str = typer.Option("tiny", "--model", help="For the worker started here."),
+    device: str = typer.Option("auto", "--device", help="For the worker started here."),
+    drain: float = typer.Option(60.0, "--drain", min=0.0, help="Seconds outstanding jobs may take after the load ends."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+) -> None:
+    """Load a broker with simulated clients; report jobs/s, image-steps/s, latency, batch fill, errors, lost jobs."""
+    import json
+    import tempfile
+
+    from collafuse.tools.demo import start_server_side
+    from collafuse.tools.launch import Fleet
+    from collafuse.tools.loadtest import LoadConfig, run_load
+
+    fleet = None
+    try:
+        if not broker:
+            fleet = Fleet(Path(tempfile.mkdtemp(prefix="collafuse-loadtest-")) / "logs")
+            broker, _ = start_server_side(
+                fleet, 1, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch),
+                           "--queue-rows", str(max_batch), "--max-train-rows", str(max(max_batch, rows))], None)
+            typer.echo(f"[loadtest] started a broker and a worker (logs in {fleet.logs})", err=True)
+        result = run_load(
+            LoadConfig(broker=broker, clients=clients, duration=duration, mode=mode, image_size=image_size, rows=rows,
+                       ddim_steps=ddim_steps, drain=drain),
+            say=lambda line: typer.echo(line, err=True),
+        )
+    except (ValueError, TimeoutError) as exc:
+        fail(str(exc))
+    finally:
+        if fleet is not None:
+            fleet.stop_all()
+    lat = result["latency_ms"]
+    typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s: {result['completed']} jobs "
+               f"({result['jobs_per_s']} jobs/s, {result['image_steps_per_s']} image-steps/s)")
+    typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  mean batch fill {result['mean_batch_fill']}")
+    typer.echo(f"errors {result['errors'] or 'none'};  lost jobs {result['lost']}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if result["lost"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

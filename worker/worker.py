@@ -105,7 +105,7 @@ class Worker:
                 self.denoise_once()
             now = time.monotonic()
             if now >= self.next_heartbeat:
-                self.send(wire.encode("heartbeat"))
+                self.send(wire.encode("heartbeat", stats={**self.stats, "max_batch": self.config.max_batch, "step": self.party.step}))
                 self.next_heartbeat = now + hb.interval
             if now - self.last_heard > hb.interval * hb.liveness:
                 log.warning("broker silent for %.1f s: reconnecting", now - self.last_heard)

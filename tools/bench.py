@@ -1,0 +1,285 @@
+"""Benchmarks behind BENCHMARKS.md: `python -m collafuse.tools.bench COMMAND --help`.
+
+Every figure that BENCHMARKS.md claims as a ratio is measured side by side in one run here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="CollaFuse benchmarks.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def raw_forward_rate(model_name: str, size: int, batch: int, device_name: str, bf16: bool, seconds: float = 5.0) -> float:
+    """Image-steps/s of the bare server model: one forward per iteration at a fixed batch."""
+    import torch
+
+    from collafuse.core.models import resolve_device
+    from collafuse.worker.party import ServerParty
+
+    device = resolve_device(device_name)
+    party = ServerParty((1, size, size), model_name, device=device, autocast_bf16=bf16)
+    party.model.eval()
+    x = torch.randn(batch, 1, size, size, device=device)
+    t = torch.randint(61, 101, (batch,), device=device)
+    tc = torch.full((batch,), 60, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            party.eps(x, t, tc)
+        _sync(device)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            party.eps(x, t, tc)
+            n += 1
+        _sync(device)
+    return n * batch / (time.perf_counter() - start)
+
+
+@app.command()
+def raw(
+    model: str = "paper", size: int = 128, batch: str = "1,64,256", device: str = "auto", bf16: bool = False, seconds: float = 5.0
+) -> None:
+    """The raw model forward rate per batch size (image-steps/s)."""
+    for b in (int(x) for x in batch.split(",")):
+        typer.echo(json.dumps({"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16,
+                               "image_steps_per_s": round(raw_forward_rate(model, size, b, device, bf16, seconds), 1)}))
+
+
+@app.command()
+def sampler(
+    model: str = "paper", size: int = 128, max_batch: int = 64, jobs: int = 64, rows: int = 4, t_c: int = 0, device: str = "auto",
+    bf16: bool = False,
+) -> None:
+    """The in-process continuous-batching sampler (what `simulate` and the worker run) against the raw model."""
+    from collafuse.config import SamplerConfig
+    from collafuse.core.models import resolve_device
+    from collafuse.worker.party import ServerParty
+
+    dev = resolve_device(device)
+    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
+    engine = party.sampler(max_batch)
+    cfg = SamplerConfig()
+    engine.run([party.denoise_job("warm", max_batch, 90, 0, cfg)])
+    _sync(dev)
+    start, before = time.perf_counter(), engine.rows_processed
+    engine.run([party.denoise_job(f"j{i}", rows, t_c, i, cfg) for i in range(jobs)])
+    _sync(dev)
+    rate = (engine.rows_processed - before) / (time.perf_counter() - start)
+    raw_rate = raw_forward_rate(model, size, max_batch, device, bf16)
+    typer.echo(json.dumps({"what": "in_process_sampler", "model": model, "size": size, "bf16": bf16, "max_batch": max_batch,
+                           "image_steps_per_s": round(rate, 1), "raw_image_steps_per_s": round(raw_rate, 1),
+                           "ratio_to_raw": round(rate / raw_rate, 3)}))
+
+
+@app.command()
+def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 20, device: str = "auto", bf16: bool = False) -> None:
+    """Server optimiser steps on merged rows: images/s."""
+    import torch
+
+    from collafuse.config import DiffusionConfig
+    from collafuse.core.models import resolve_device
+    from collafuse.core.schedule import CosineSchedule
+    from collafuse.core.split import make_server_message
+    from collafuse.worker.party import ServerParty
+
+    dev = resolve_device(device)
+    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
+    msg = make_server_message(CosineSchedule(DiffusionConfig()), torch.rand(batch, 1, size, size) * 2 - 1, 60)
+    for _ in range(3):
+        party.train_step([msg])
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        party.train_step([msg])
+    _sync(dev)
+    per_step = (time.perf_counter() - start) / steps
+    typer.echo(json.dumps({"what": "server_train", "model": model, "size": size, "batch": batch, "bf16": bf16,
+                           "step_s": round(per_step, 4), "images_per_s": round(batch / per_step, 1)}))
+
+
+@app.command()
+def system(
+    model: str = "paper", size: int = 128, max_batch: int = 64, clients: int = 64, rows: int = 2, duration: float = 20.0,
+    device: str = "auto", bf16: bool = False, ddim_steps: int = 100, single: bool = True, logs: Path = Path("/tmp/collafuse-bench"),
+) -> None:
+    """Denoising through the broker (one worker, many clients) against the raw model at the same batch,
+    and (with --single) the same worker serving one row at a time: the batching gain."""
+    from collafuse.tools.demo import start_server_side
+    from collafuse.tools.launch import Fleet
+    from collafuse.tools.loadtest import LoadConfig, run_load
+
+    def through_broker(batch: int, n_clients: int, n_rows: int) -> dict:
+        fleet = Fleet(logs / f"b{batch}")
+        try:
+            args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch)]
+            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []), None)
+            run_load(LoadConfig(broker=front, clients=n_clients, duration=3, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=60), say=lambda _: None)
+            return run_load(LoadConfig(broker=front, clients=n_clients, duration=duration, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=120), say=lambda _: None)
+        finally:
+            fleet.stop_all()
+
+    raw_rate = raw_forward_rate(model, size, max_batch, device, bf16)
+    batched = through_broker(max_batch, clients, rows)
+    out = {"what": "system_denoise", "model": model, "size": size, "bf16": bf16, "max_batch": max_batch, "clients": clients,
+           "rows_per_job": rows, "raw_image_steps_per_s": round(raw_rate, 1), "broker_image_steps_per_s": batched["image_steps_per_s"],
+           "ratio_to_raw": round(batched["image_steps_per_s"] / raw_rate, 3), "mean_batch_fill": batched["mean_batch_fill"],
+           "latency_ms": batched["latency_ms"], "lost": batched["lost"]}
+    if single:
+        one = through_broker(1, 1, 1)
+        out.update({"one_at_a_time_image_steps_per_s": one["image_steps_per_s"],
+                    "batching_gain": round(batched["image_steps_per_s"] / max(one["image_steps_per_s"], 1e-9), 1)})
+    typer.echo(json.dumps(out))
+
+
+def _proxy_process(fp: int, bp: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    front.bind(f"tcp://127.0.0.1:{fp}")
+    back.bind(f"tcp://127.0.0.1:{bp}")
+    zmq.proxy(front, back)
+
+
+def _proxy_echo_process(bp: int) -> None:
+    import zmq
+
+    s = zmq.Context().socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{bp}")
+    while True:
+        frames = s.recv_multipart(copy=False)
+        s.send_multipart([frames[0], frames[1]], copy=False)  # routing id, then a small reply
+
+
+def _broker_process(fp: int, bp: int) -> None:
+    from collafuse.broker.broker import Broker
+    from collafuse.config import BrokerConfig
+
+    Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6)).run()
+
+
+def _echo_worker_process(bp: int) -> None:
+    """A protocol peer that acknowledges every train job at once (it applies nothing)."""
+    import zmq
+
+    from collafuse.config import ProtocolLimits
+    from collafuse.protocol import wire
+
+    s = zmq.Context().socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{bp}")
+    s.send(wire.encode("ready", worker="echo", denoise_credit=10**6, train_credit=10**9, trainer=True,
+                       image_shape=[1, 32, 32], levels=100, model="none"))
+    limits = ProtocolLimits()
+    while True:
+        frames = s.recv_multipart(copy=False)
+        env = wire.decode(frames[0].buffer, limits)
+        if env["type"] == "train":
+            s.send(wire.encode("ack", job=env["job"], client=env["client"], step=0, loss=0.0))
+
+
+@app.command()
+def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
+    """Forwarding rate of 64 KiB tensor jobs: our broker against zmq.proxy. Each setup is three
+    processes (client, middle, echo peer) on loopback; the client keeps `window` jobs in flight."""
+    import multiprocessing as mp
+
+    import numpy as np
+    import zmq
+
+    from collafuse.protocol import tensors, wire
+    from collafuse.tools.launch import free_port
+
+    rows = max(1, size_kib * 1024 // (2 * 4 * 32 * 32))
+    blob = tensors.encode({"x_t": np.zeros((rows, 1, 32, 32), np.float32), "t": np.full(rows, 100, np.int64),
+                           "eps": np.zeros((rows, 1, 32, 32), np.float32)})
+
+    def run(middle, echo, make_frames, hello: bool) -> float:
+        fp, bp = free_port(), free_port()
+        procs = [mp.Process(target=middle, args=(fp, bp), daemon=True), mp.Process(target=echo, args=(bp,), daemon=True)]
+        for p in procs:
+            p.start()
+        try:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{fp}")
+            time.sleep(1.0)
+            if hello:
+                sock.send(wire.encode("hello", client="bench", t_c=60, image_shape=[1, 32, 32], levels=100))
+                sock.recv_multipart()
+            for i in range(200):  # warm-up
+                sock.send_multipart(make_frames(-1 - i), copy=False)
+                sock.recv_multipart(copy=False)
+            sent = received = 0
+            start = time.perf_counter()
+            while received < messages:
+                while sent < messages and sent - received < window:
+                    sock.send_multipart(make_frames(sent), copy=False)
+                    sent += 1
+                sock.recv_multipart(copy=False)
+                received += 1
+            rate = messages / (time.perf_counter() - start)
+            sock.close(0)
+            return rate
+        finally:
+            for p in procs:
+                p.terminate()
+                p.join()
+
+    proxy_rate = run(_proxy_process, _proxy_echo_process, lambda i: [b"job", blob], False)
+    ours = run(_broker_process, _echo_worker_process,
+               lambda i: [wire.encode("train", job=f"j{i}", client="bench", rows=rows, t_c=60), blob], True)
+    typer.echo(json.dumps({"what": "broker_forwarding", "frame_bytes": len(blob), "messages": messages, "window": window,
+                           "zmq_proxy_msgs_per_s": round(proxy_rate, 1), "broker_msgs_per_s": round(ours, 1),
+                           "ratio": round(ours / proxy_rate, 3)}))
+
+
+@app.command()
+def cpu(size: str = "32,64", models: str = "tiny,paper", batch: int = 32, samples: int = 8) -> None:
+    """Training-step time and sampling time per image on this machine's CPU."""
+    import torch
+
+    from collafuse.config import SamplerConfig, TrainConfig
+    from collafuse.node.party import ClientParty
+    from collafuse.worker.party import ServerParty
+
+    for s in (int(x) for x in size.split(",")):
+        for m in models.split(","):
+            data = torch.rand(batch * 4, 1, s, s) * 2 - 1
+            client = ClientParty("bench", 0.6, data, m, train=TrainConfig(batch_size=batch))
+            server = ServerParty((1, s, s), m, train=TrainConfig(batch_size=batch))
+            x0 = client.batch()
+            client.train_local(x0)
+            server.train_step([client.server_message(x0)])
+            start = time.perf_counter()
+            for _ in range(3):
+                client.train_local(x0)
+            local_step = (time.perf_counter() - start) / 3
+            start = time.perf_counter()
+            for _ in range(3):
+                server.train_step([client.server_message(x0)])
+            server_step = (time.perf_counter() - start) / 3
+            start = time.perf_counter()
+            x_tc = server.sampler(samples).run([server.denoise_job("j", samples, client.t_c, 0, SamplerConfig())])["j"]
+            server_sample = (time.perf_counter() - start) / samples
+            start = time.perf_counter()
+            client.finish(x_tc, samples, 0, SamplerConfig())
+            client_sample = (time.perf_counter() - start) / samples
+            typer.echo(json.dumps({"what": "cpu", "model": m, "size": s, "batch": batch, "threads": torch.get_num_threads(),
+                                   "client_train_step_s": round(local_step, 3), "server_train_step_s": round(server_step, 3),
+                                   "server_sample_s_per_image_c0.6": round(server_sample, 3),
+                                   "client_sample_s_per_image_c0.6": round(client_sample, 3)}))
+
+
+if __name__ == "__main__":
+    app()

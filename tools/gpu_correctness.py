@@ -1,0 +1,28 @@
+"""CUDA correctness: the same weights and seeds give the same samples on the GPU as on the CPU."""
+
+import json
+
+import torch
+
+from collafuse.config import SamplerConfig
+from collafuse.core.noise import row_keys, row_noise
+from collafuse.worker.party import ServerParty
+
+torch.manual_seed(0)
+cpu = ServerParty((1, 32, 32), "tiny", device="cpu")
+gpu = ServerParty((1, 32, 32), "tiny", device="cuda")
+gpu.model.load_state_dict(cpu.model.state_dict())
+keys = row_keys(5, 0, 8)
+noise_equal = torch.equal(row_noise(keys, torch.full((8,), 7), (1, 32, 32)), row_noise(keys.cuda(), torch.full((8,), 7, device="cuda"), (1, 32, 32)).cpu())
+cfg = SamplerConfig()
+a = cpu.sampler(16).run([cpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
+x = torch.rand(16, 1, 32, 32) * 2 - 1
+from collafuse.core.split import make_server_message
+from collafuse.core.schedule import CosineSchedule
+msg = make_server_message(CosineSchedule(), x, 40, torch.Generator().manual_seed(0))
+loss_cpu, loss_gpu = cpu.train_step([msg]), gpu.train_step([msg])
+print(json.dumps({"what": "cuda_correctness", "noise_bitwise_equal": noise_equal,
+                  "sample_max_abs_diff": float((a - b).abs().max()), "sample_scale": float(a.abs().max()),
+                  "train_loss_cpu": round(loss_cpu, 6), "train_loss_gpu": round(loss_gpu, 6)}))

@@ -1,0 +1,191 @@
+"""`collafuse loadtest`: many simulated clients against a broker, in one process.
+
+Clients are multiplexed over a few DEALER sockets (the broker routes by client name, so one socket
+can carry many clients). Each client keeps one job outstanding: it submits, waits for the final
+reply, submits the next, until the duration ends; then every outstanding job gets a bounded time
+to finish. A job with no final reply by then is lost. `busy` answers are retried after a pause and
+counted, like every error code.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from collafuse.config import ProtocolLimits
+from collafuse.core.schedule import level_path
+from collafuse.node.link import fetch_status
+from collafuse.protocol import tensors, wire
+
+CLIENTS_PER_SOCKET = 50
+
+
+@dataclass
+class LoadConfig:
+    broker: str
+    clients: int = 64
+    duration: float = 10.0
+    mode: str = "denoise"  # denoise | train | mixed
+    image_size: int = 32
+    rows: int = 1  # images per job
+    ddim_steps: int = 10  # total DDIM steps over T..0 for denoise jobs (the server does its share)
+    cut_levels: tuple[int, ...] = (20, 40, 60)
+    drain: float = 60.0
+    retry_after: float = 0.2
+    seed: int = 0
+    levels: int = 100
+
+
+@dataclass
+class SimClient:
+    name: str
+    sock: zmq.Socket
+    job: str | None = None
+    kind: str = ""
+    sent_at: float = 0.0
+    image_steps: int = 0
+    retry_at: float = 0.0
+    frames: list[bytes] = field(default_factory=list)
+    seq: int = 0
+
+
+def _server_steps(cfg: LoadConfig, t_c: int) -> int:
+    steps = max(1, round(cfg.ddim_steps * (cfg.levels - t_c) / cfg.levels))
+    return len(level_path(cfg.levels, t_c, steps)) - 1
+
+
+def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
+    if cfg.mode not in ("denoise", "train", "mixed"):
+        raise ValueError(f"mode must be denoise, train or mixed, got {cfg.mode!r}")
+    rng = random.Random(cfg.seed)
+    ctx = zmq.Context.instance()
+    shape = (1, cfg.image_size, cfg.image_size)
+    sockets = []
+    for _ in range((cfg.clients + CLIENTS_PER_SOCKET - 1) // CLIENTS_PER_SOCKET):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.connect(cfg.broker)
+        sockets.append(s)
+    clients = {f"load-{i:05d}": SimClient(f"load-{i:05d}", sockets[i // CLIENTS_PER_SOCKET]) for i in range(cfg.clients)}
+    train_blob = tensors.encode({
+        "x_t": np.random.default_rng(cfg.seed).standard_normal((cfg.rows, *shape), dtype=np.float32),
+        "t": np.full(cfg.rows, cfg.levels, dtype=np.int64),
+        "eps": np.random.default_rng(cfg.seed + 1).standard_normal((cfg.rows, *shape), dtype=np.float32),
+    })
+    poller = zmq.Poller()
+    for s in sockets:
+        poller.register(s, zmq.POLLIN)
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    submitted = completed = image_steps = 0
+
+    def new_job(c: SimClient) -> None:
+        nonlocal submitted
+        c.seq += 1
+        c.job = f"{c.name}-{c.seq}"
+        t_c = rng.choice(cfg.cut_levels)
+        c.kind = cfg.mode if cfg.mode != "mixed" else rng.choice(("denoise", "train"))
+        if c.kind == "denoise":
+            c.frames = [wire.encode("denoise", job=c.job, client=c.name, count=cfg.rows, t_c=t_c, seed=c.seq, first_row=0,
+                                    sampler="ddim", steps=cfg.ddim_steps, eta=0.0)]
+            c.image_steps = cfg.rows * _server_steps(cfg, t_c)
+        else:
+            c.frames = [wire.encode("train", job=c.job, client=c.name, rows=cfg.rows, t_c=cfg.levels - 1), train_blob]
+            c.image_steps = 0
+        c.sent_at = time.monotonic()
+        c.sock.send_multipart(c.frames, copy=False)
+        submitted += 1
+
+    for c in clients.values():
+        c.sock.send(wire.encode("hello", client=c.name, t_c=cfg.cut_levels[0], image_shape=list(shape), levels=cfg.levels))
+    before = _worker_stats(cfg.broker)
+    start = time.monotonic()
+    deadline = start + cfg.duration
+    drain_deadline = deadline + cfg.drain
+    next_report = start + 5
+    limits = ProtocolLimits(levels=cfg.levels)
+    while True:
+        now = time.monotonic()
+        outstanding = sum(1 for c in clients.values() if c.job is not None)
+        if now >= deadline and (outstanding == 0 or now >= drain_deadline):
+            break
+        if now >= next_report:
+            say(f"[loadtest] {now - start:5.1f} s  completed {completed}  outstanding {outstanding}  errors {sum(errors.values())}")
+            next_report = now + 5
+        for sock, _ in poller.poll(50):
+            for _ in range(1000):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                env = wire.decode(frames[0], limits)
+                if env["type"] == "welcome":
+                    continue
+                c = clients.get(env.get("client", "")) or next((x for x in clients.values() if x.job == env.get("job")), None)
+                if c is None or env.get("job") != c.job:
+                    continue
+                if env["type"] == "error" and env["code"] == "busy":
+                    errors["busy"] = errors.get("busy", 0) + 1
+                    c.retry_at = time.monotonic() + cfg.retry_after
+                    continue
+                if env["type"] == "error":
+                    errors[env["code"]] = errors.get(env["code"], 0) + 1
+                else:
+                    completed += 1
+                    image_steps += c.image_steps
+                    latencies.append(time.monotonic() - c.sent_at)
+                c.job = None
+        now = time.monotonic()
+        for c in clients.values():
+            if c.job is None and now < deadline:
+                new_job(c)
+            elif c.job is not None and c.retry_at and now >= c.retry_at:
+                c.retry_at = 0.0
+                c.sock.send_multipart(c.frames, copy=False)
+    elapsed = min(time.monotonic(), deadline) - start
+    time.sleep(1.2)  # the workers' counters reach the broker with their next heartbeat
+    after = _worker_stats(cfg.broker)
+    lost = sum(1 for c in clients.values() if c.job is not None)
+    for s in sockets:
+        s.close(0)
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    rows = after["denoise_rows"] - before["denoise_rows"]
+    capacity = after["capacity"] - before["capacity"]
+    return {
+        "clients": cfg.clients,
+        "mode": cfg.mode,
+        "duration_s": round(elapsed, 2),
+        "submitted": submitted,
+        "completed": completed,
+        "lost": lost,
+        "errors": errors,
+        "jobs_per_s": round(completed / elapsed, 2),
+        "image_steps_per_s": round(image_steps / elapsed, 1),
+        "latency_ms": {p: round(float(np.percentile(lat, q)) * 1000, 1) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "mean_batch_fill": round(rows / capacity, 3) if capacity else None,
+        "train_steps": after["train_steps"] - before["train_steps"],
+    }
+
+
+def _worker_stats(broker: str) -> dict[str, int]:
+    """Summed counters of every worker, as their heartbeats reported them to the broker
+    (capacity: rows the denoising iterations could have held)."""
+    total = {"denoise_rows": 0, "capacity": 0, "train_steps": 0}
+    try:
+        workers = fetch_status(broker, timeout=5).get("workers", [])
+    except (TimeoutError, ConnectionError):
+        return total
+    for w in workers:
+        st = w.get("stats", {})
+        total["denoise_rows"] += int(st.get("denoise_rows", 0))
+        total["capacity"] += int(st.get("denoise_iterations", 0)) * int(st.get("max_batch", 0))
+        total["train_steps"] += int(st.get("train_steps", 0))
+    return total
