@@ -15,6 +15,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -244,7 +245,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Report folder (report/ holds samples.png, real.png, metrics.json)."),
     clients: int = typer.Option(3, "--clients", min=1, help="Nodes to start."),
     cut_ratio: str = typer.Option("0.6", "--cut-ratio", help="One c for all nodes or a comma list, one per node."),
-    steps: int = typer.Option(300, "--steps", min=1, help="Local training steps per node."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Local training steps per node."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per node per step."),
     image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
     samples: int = typer.Option(16, "--samples", min=1, help="Images each node generates at the end."),
@@ -252,13 +253,14 @@ def demo(
     server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
     device: str = typer.Option("auto", "--device", help="Device for the worker and nodes."),
     seed: int = typer.Option(0, "--seed", help="Seed for data shards and training."),
+    lockstep: bool = typer.Option(True, "--lockstep/--async", help="Lockstep: nodes wait for the server (which shares this CPU) so it trains on every step's rows. Async: nodes never wait and skip messages while their window is full, as on a real deployment with a GPU server."),
 ) -> None:
     """Broker, worker and nodes as separate processes on loopback: train, generate, report."""
     from collafuse.tools.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, clients=clients, cut_ratios=parse_ratios(cut_ratio), steps=steps, batch_size=batch_size,
                      image_size=image_size, samples=samples, client_model=client_model, server_model=server_model,
-                     device=device, seed=seed)
+                     device=device, seed=seed, lockstep=lockstep)
     try:
         result = run_demo(cfg, say=lambda line: typer.echo(line, err=True))
     except (ValueError, RuntimeError, TimeoutError) as exc:

@@ -79,6 +79,8 @@ class BatchedSampler:
         self.x = torch.empty((0, *image_shape), device=self.device)
         self.keys = torch.empty((0,), dtype=torch.int64, device=self.device)  # row_keys of each row
         self.streams = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self.bases = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self.etas = torch.empty((0,), dtype=torch.float64, device=self.device)
         self.iterations = 0
         self.rows_processed = 0
 
@@ -111,7 +113,7 @@ class BatchedSampler:
 
     def _admit(self) -> None:
         free = self.max_batch - len(self.rows)
-        new_x, new_keys, new_streams = [], [], []
+        new_x, new_keys, new_streams, new_bases, new_etas = [], [], [], [], []
         while free > 0 and self.queue:
             job, nxt = self.queue.popleft()
             n = min(free, job.count - nxt)
@@ -121,6 +123,8 @@ class BatchedSampler:
                 new_x.append(self._start_noise(job, nxt, n))
             new_keys.append(row_keys(job.seed, job.first_row + nxt, n, self.device))
             new_streams.append(torch.full((n,), job.stream * 4 + _STREAM_STEP, dtype=torch.int64, device=self.device))
+            new_bases.append(torch.full((n,), job.base, dtype=torch.int64, device=self.device))
+            new_etas.append(torch.full((n,), job.eta, dtype=torch.float64, device=self.device))
             self.rows.extend(_Row(job, nxt + i, 0) for i in range(n))
             free -= n
             if nxt + n < job.count:
@@ -129,11 +133,14 @@ class BatchedSampler:
             self.x = torch.cat([self.x, *new_x])
             self.keys = torch.cat([self.keys, *new_keys])
             self.streams = torch.cat([self.streams, *new_streams])
+            self.bases = torch.cat([self.bases, *new_bases])
+            self.etas = torch.cat([self.etas, *new_etas])
 
     def _keep(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.int64, device=self.device)
         self.rows = [self.rows[i] for i in keep]
         self.x, self.keys, self.streams = self.x[index], self.keys[index], self.streams[index]
+        self.bases, self.etas = self.bases[index], self.etas[index]
 
     @torch.no_grad()
     def iterate(self) -> list[SampleJob]:
@@ -141,16 +148,14 @@ class BatchedSampler:
         self._admit()
         if not self.rows:
             return []
-        t = torch.tensor([r.job.path[r.pos] for r in self.rows], dtype=torch.int64)
-        s = torch.tensor([r.job.path[r.pos + 1] for r in self.rows], dtype=torch.int64)
-        base = torch.tensor([r.job.base for r in self.rows], dtype=torch.int64)
-        eta = torch.tensor([r.job.eta for r in self.rows], dtype=torch.float64)
-        if bool((eta > 0).any()):
-            noise = row_noise(self.keys, s.to(self.device), self.image_shape, stream=self.streams)
+        levels = torch.tensor([[r.job.path[r.pos] for r in self.rows], [r.job.path[r.pos + 1] for r in self.rows]], dtype=torch.int64)
+        t, s = levels.to(self.device, non_blocking=True)  # one small copy per iteration
+        if any(r.job.eta > 0 for r in self.rows):
+            noise = row_noise(self.keys, s, self.image_shape, stream=self.streams)
         else:
             noise = torch.zeros_like(self.x)
-        eps = self.eps_fn(self.x, t.to(self.device), base.to(self.device)).float()
-        self.x = sampler_step(self.schedule, self.x, eps, t, s, base, eta, noise)
+        eps = self.eps_fn(self.x, t, self.bases).float()
+        self.x = sampler_step(self.schedule, self.x, eps, t, s, self.bases, self.etas, noise)
         self.iterations += 1
         self.rows_processed += len(self.rows)
 

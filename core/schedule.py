@@ -27,14 +27,23 @@ class CosineSchedule:
         for beta in betas:
             alpha_bar.append(alpha_bar[-1] * (1 - beta))
         self.alpha_bar = torch.tensor(alpha_bar, dtype=torch.float64)  # [T+1], index = level
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device | str) -> torch.Tensor:
+        """ᾱ on `device` (cached), so per-row gathers happen where the rows are."""
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = self.alpha_bar.to(device)
+        return self._tables[device]
 
     @property
     def levels(self) -> int:
         return self.config.levels
 
     def rebased(self, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """ᾱ'_t = ᾱ_t / ᾱ_base, float64, per row."""
-        return self.alpha_bar[t] / self.alpha_bar[base]
+        """ᾱ'_t = ᾱ_t / ᾱ_base, float64, per row, on the rows' device."""
+        table = self.table(t.device)
+        return table[t] / table[base]
 
     def check_levels(self, t: torch.Tensor, base: torch.Tensor) -> None:
         if bool(((t < 0) | (t > self.levels) | (base < 0) | (base > t)).any()):
@@ -54,10 +63,11 @@ class CosineSchedule:
         two coincide. Returned in float64, one value per row.
         """
         a_t, a_s = self.rebased(t, base), self.rebased(s, base)
-        eta = torch.as_tensor(eta, dtype=torch.float64)
+        eta = torch.as_tensor(eta, dtype=torch.float64, device=t.device)
         sigma_rebased = eta * torch.sqrt((1 - a_s) / (1 - a_t)) * torch.sqrt(1 - a_t / a_s)
         dir_eps = (1 - a_s - sigma_rebased**2).clamp(min=0).sqrt()
-        g_t, g_s = self.alpha_bar[t], self.alpha_bar[s]
+        table = self.table(t.device)
+        g_t, g_s = table[t], table[s]
         sigma = eta * torch.sqrt((1 - g_s) / (1 - g_t)) * torch.sqrt(1 - g_t / g_s)
         return {
             "sqrt_a_t": a_t.sqrt(),

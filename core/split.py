@@ -24,7 +24,7 @@ def noise_to_level(
     schedule: CosineSchedule, x_base: torch.Tensor, t: torch.Tensor, base: torch.Tensor, eps: torch.Tensor
 ) -> torch.Tensor:
     """x_t = √ᾱ'_t·x_base + √(1−ᾱ'_t)·ε under the schedule rebased at `base` (base = 0: plain DDPM)."""
-    a = schedule.rebased(t.cpu(), base.cpu())
+    a = schedule.rebased(t.to(x_base.device), base.to(x_base.device))
     return _bcast(a.sqrt(), x_base) * x_base + _bcast((1 - a).sqrt(), x_base) * eps
 
 
@@ -68,7 +68,7 @@ def make_server_message(
 
 def recover_cut_image(schedule: CosineSchedule, message: ServerMessage) -> torch.Tensor:
     """The most the server can compute from a message: x_{t_c} = (x_t − √(1−ᾱ'_t)·ε₂)/√ᾱ'_t."""
-    a = schedule.rebased(message.t, message.t_c)
+    a = schedule.rebased(message.t.to(message.x_t.device), message.t_c.to(message.x_t.device))
     return (message.x_t - _bcast((1 - a).sqrt(), message.x_t) * message.eps) / _bcast(a.sqrt(), message.x_t)
 
 
@@ -107,8 +107,8 @@ def sampler_step(
     [-1, 1] plus five noise standard deviations). For a client (b = 0) that is the usual clip to
     [-1, 1]; for the server it only catches a diverging prediction.
     """
-    c = {k: _bcast(v, x_t) for k, v in schedule.step_coefficients(t.cpu(), s.cpu(), base.cpu(), eta.cpu()).items()}
-    a_b = schedule.alpha_bar[base.cpu()]
+    c = {k: _bcast(v, x_t) for k, v in schedule.step_coefficients(t, s, base, eta).items()}
+    a_b = schedule.table(base.device)[base]
     bound = _bcast(a_b.sqrt() + 5 * (1 - a_b).sqrt(), x_t)
     x_hat = torch.maximum(torch.minimum((x_t - c["sqrt_1m_a_t"] * eps_hat) / c["sqrt_a_t"], bound), -bound)
     return c["A"] * x_hat + c["B"] * x_t + c["sigma"] * noise

@@ -15,6 +15,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 BROKER = typer.Option("tcp://127.0.0.1:5555", "--broker", help="The broker's frontend address.")

@@ -96,16 +96,18 @@ def test_end_to_end_three_nodes_train_and_generate(fleet, tmp_path):
     start_worker(fleet, back, front, "w0", "--max-train-rows", "24", "--checkpoint", str(tmp_path / "server.safetensors"))
     names = ["n0", "n1", "n2"]
     for i, n in enumerate(names):
-        fleet.start(n, node("join", "--broker", front, "--name", n, "--shard", str(i), "--shards", "3", "--cut-ratio", ["0.4", "0.6", "1.0"][i],
+        fleet.start(n, node("join", "--broker", front, "--name", n, "--shard", str(i), "--shards", "3", "--cut-ratio", ["0.0", "0.6", "1.0"][i],
                             "--steps", "12", "--batch-size", "8", "--state", str(tmp_path / n), "--device", "cpu", *FAST_HB))
     for n in names:
         assert fleet.wait(n, 300) == 0, fleet.tail(n)
     progress = {n: json.loads((tmp_path / n / "progress.json").read_text()) for n in names}
     for n in ("n0", "n1"):
         assert progress[n]["done"] and progress[n]["acked"] == progress[n]["sent"] > 0
+    assert not (tmp_path / "n0" / "local.safetensors").exists()  # c = 0 keeps no local model
+    assert progress["n0"]["sent"] == 12  # ... and, having no local work, waits for the window instead of skipping
     assert progress["n2"]["sent"] == 0 and progress["n2"]["t_c"] == 100  # c = 1: no server at all
     for i, n in enumerate(names):
-        fleet.start(f"{n}-gen", node("generate", "--broker", front, "--name", n, "--cut-ratio", ["0.4", "0.6", "1.0"][i], "--n", "5",
+        fleet.start(f"{n}-gen", node("generate", "--broker", front, "--name", n, "--cut-ratio", ["0.0", "0.6", "1.0"][i], "--n", "5",
                                      "--out", str(tmp_path / n / "gen"), "--state", str(tmp_path / n), "--device", "cpu",
                                      "--sampler", "ddim", "--ddim-steps", "10"))
     for n in names:
@@ -220,3 +222,21 @@ def test_broker_restart_nodes_and_workers_resume(fleet, tmp_path):
     progress = json.loads((tmp_path / "n0" / "progress.json").read_text())
     assert progress["reconnects"] >= 1
     assert progress["acked"] == progress["sent"] and progress["in_flight"] == 0
+
+
+def test_node_resumes_from_its_checkpoint(tmp_path):
+    """c = 1 needs no server: train 3 steps, stop, then continue to 5 from the checkpoint."""
+    from subprocess import run
+    import sys
+
+    base = [sys.executable, "-m", "collafuse.node.cli", "join", "--name", "solo", "--cut-ratio", "1.0", "--shards", "1",
+            "--batch-size", "4", "--state", str(tmp_path / "solo"), "--device", "cpu", "--broker", "tcp://127.0.0.1:1"]
+    first = run([*base, "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    with safe_open(str(tmp_path / "solo" / "local.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["collafuse"])["metadata"]["step"] == 3
+    second = run([*base, "--steps", "5"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "[solo] 4/5" in second.stderr and "[solo] 1/5" not in second.stderr
+    with safe_open(str(tmp_path / "solo" / "local.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["collafuse"])["metadata"]["step"] == 5

@@ -22,7 +22,7 @@ class DemoConfig:
     out: Path
     clients: int = 3
     cut_ratios: tuple[float, ...] = (0.6,)
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     image_size: int = 32
     samples: int = 16
@@ -32,6 +32,7 @@ class DemoConfig:
     data: str = "mni"
     seed: int = 0
     threads: int = 1  # torch threads per process: five processes share a small CPU
+    lockstep: bool = True  # nodes wait for room in their window, so the server sees every step's rows
 
 
 def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None) -> tuple[str, str]:
@@ -83,7 +84,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
             fleet.start(name, cli(
                 "join", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--data", cfg.data, "--shard", str(i),
                 "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                "--model", cfg.client_model, "--state", str(out / name), *common, module="collafuse.node.cli"))
+                "--model", cfg.client_model, "--state", str(out / name), *common, *(["--lockstep"] if cfg.lockstep else []),
+                module="collafuse.node.cli"))
         next_report = 0.0
         while any(fleet.alive(n) for n in names):
             if time.monotonic() >= next_report:
