@@ -316,8 +316,8 @@ def loadtest(
         if fleet is not None:
             fleet.stop_all()
     lat = result["latency_ms"]
-    typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s: {result['completed']} jobs "
-               f"({result['jobs_per_s']} jobs/s, {result['image_steps_per_s']} image-steps/s)")
+    typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s: {result['completed_in_window']} jobs in the window "
+               f"({result['jobs_per_s']} jobs/s, {result['image_steps_per_s']} image-steps/s), {result['completed']} with the drain")
     typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  mean batch fill {result['mean_batch_fill']}")
     typer.echo(f"errors {result['errors'] or 'none'};  lost jobs {result['lost']}")
     if json_out:

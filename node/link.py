@@ -173,7 +173,7 @@ def fetch_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
         sock.send(wire.encode("status"))
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"no answer from the broker at {address} within {timeout:.0f} s")
-        env = wire.decode(sock.recv(), ProtocolLimits())
+        env = wire.decode(sock.recv(), ProtocolLimits(max_envelope_bytes=64 * 1024 * 1024))  # status grows with the clients
         if env["type"] != "status_reply":
             raise ConnectionError(f"unexpected answer {env['type']!r} from {address}")
         return env["status"]

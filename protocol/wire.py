@@ -155,9 +155,8 @@ def decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
     if len(frame) > limits.max_envelope_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes exceeds {limits.max_envelope_bytes}")
     try:
-        env = msgpack.unpackb(
-            bytes(frame), raw=False, strict_map_key=True, max_str_len=4096, max_bin_len=4096, max_array_len=64, max_map_len=64
-        )
+        # msgpack bounds every container and string by the frame's length, itself bounded above.
+        env = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several types for garbage
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"envelope is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(env, dict):

@@ -240,3 +240,19 @@ def test_node_resumes_from_its_checkpoint(tmp_path):
     assert "[solo] 4/5" in second.stderr and "[solo] 1/5" not in second.stderr
     with safe_open(str(tmp_path / "solo" / "local.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["collafuse"])["metadata"]["step"] == 5
+
+
+def test_loadtest_reports_and_loses_nothing(tmp_path):
+    from subprocess import run
+    import sys
+
+    out = tmp_path / "load.json"
+    proc = run([sys.executable, "-m", "collafuse.cli", "loadtest", "--clients", "30", "--duration", "3", "--mode", "mixed",
+                "--device", "cpu", "--rows", "2", "--json", str(out)], capture_output=True, text=True, timeout=300,
+               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads(out.read_text())
+    assert result["lost"] == 0 and result["completed"] > 0 and result["submitted"] == result["completed"]
+    assert result["train_steps"] > 0 and result["image_steps_per_s"] > 0
+    assert 0 < result["mean_batch_fill"] <= 1
+    assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
