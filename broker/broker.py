@@ -17,7 +17,6 @@ copy). State is explicit and lives in this module:
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import zmq
 
 from collafuse.config import BrokerConfig
+from collafuse.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
@@ -71,7 +71,7 @@ class WorkerState:
     stats: dict[str, Any] = field(default_factory=dict)  # the worker's own counters, from its heartbeats
 
 
-class Broker:
+class Broker(Stoppable):
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.limits = config.limits
@@ -128,14 +128,6 @@ class Broker:
     def close(self) -> None:
         self.frontend.close(0)
         self.backend.close(0)
-
-    def install_signal_handlers(self) -> None:
-        def stop(signum, _frame):
-            log.info("signal %s: stopping", signum)
-            self.stopping = True
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
 
     # ---- nodes ------------------------------------------------------------------------------
     def reply_node(self, route: bytes, frames: list[Any]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from collafuse.config import DataConfig, DiffusionConfig, NodeConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import resolve_device
 from collafuse.datasets import load_federated
+from collafuse.lifecycle import Stoppable
 from collafuse.node.link import BrokerLink
 from collafuse.node.party import ClientParty, client_seed
 from collafuse.protocol import tensors, wire
@@ -61,7 +61,7 @@ def checkpoint_path(config: NodeConfig) -> Path:
     return Path(config.state_dir) / "local.safetensors"
 
 
-class Join:
+class Join(Stoppable):
     def __init__(self, config: NodeConfig, lockstep: bool = False) -> None:
         self.config, self.lockstep = config, lockstep
         data_config = DataConfig(**{**config.data.__dict__, "clients": config.shards})
@@ -81,14 +81,6 @@ class Join:
         self.run_id = uuid.uuid4().hex[:8]
         self.stopping = False
         self.figures: dict[str, Any] = {"local_loss": [], "server_loss": [], "sent": 0, "acked": 0, "skipped": 0, "errors": {}}
-
-    def install_signal_handlers(self) -> None:
-        def stop(signum, _frame):
-            log.info("signal %s: checkpointing and stopping", signum)
-            self.stopping = True
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
 
     def handle(self, replies) -> None:
         for r in replies:

@@ -9,6 +9,7 @@ import torch
 
 from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
 from collafuse.core.models import build_unet
+from collafuse.core.optim import apply_loss
 from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
 from collafuse.core.schedule import CosineSchedule
 from collafuse.core.split import ServerMessage, client_loss, make_server_message
@@ -68,12 +69,8 @@ class ClientParty:
         assert self.model is not None and self.optimizer is not None
         self.model.train()
         loss = client_loss(self.model, self.schedule, x0, self.t_c, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
-        self.optimizer.step()
         self.step += 1
-        return loss.item()
+        return apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
 
     def server_message(self, x0: torch.Tensor) -> ServerMessage:
         """The privacy-correct training message for the server (two-stage noising)."""

@@ -13,6 +13,7 @@ import torch
 
 from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
 from collafuse.core.models import build_unet
+from collafuse.core.optim import apply_loss
 from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
 from collafuse.core.schedule import CosineSchedule
 from collafuse.core.split import ServerMessage, server_loss
@@ -57,12 +58,8 @@ class ServerParty:
         self.model.train()
         with self._autocast():
             loss = server_loss(self.model, merged)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
-        self.optimizer.step()
         self.step += 1
-        return loss.item()
+        return apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
         with self._autocast():

@@ -12,7 +12,6 @@ between iterations. Heartbeats both ways; a broker silent for interval × livene
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +25,7 @@ from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import resolve_device
 from collafuse.core.sampler import SampleJob
 from collafuse.core.split import ServerMessage
+from collafuse.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 from collafuse.worker.party import ServerParty
@@ -33,7 +33,7 @@ from collafuse.worker.party import ServerParty
 log = logging.getLogger("collafuse.worker")
 
 
-class Worker:
+class Worker(Stoppable):
     def __init__(self, config: WorkerConfig, context: zmq.Context | None = None, seed: int = 0) -> None:
         self.config = config
         self.limits = config.limits
@@ -253,11 +253,3 @@ class Worker:
             self.send(wire.encode("bye"))
             self.sock.close(linger=1000)
             self.sock = None
-
-    def install_signal_handlers(self) -> None:
-        def stop(signum, _frame):
-            log.info("signal %s: stopping after this iteration", signum)
-            self.stopping = True
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
