@@ -256,3 +256,61 @@ def test_loadtest_reports_and_loses_nothing(tmp_path):
     assert result["train_steps"] > 0 and result["image_steps_per_s"] > 0
     assert 0 < result["mean_batch_fill"] <= 1
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
+
+
+def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
+    """The trainer publishes every --sync-every steps; the broker relays to the other worker."""
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "trainer", "--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2",
+                 "--checkpoint", str(tmp_path / "trainer.safetensors"))
+    start_worker(fleet, back, front, "denoiser", "--no-train", "--checkpoint", str(tmp_path / "denoiser.safetensors"), "--seed", "7")
+    fleet.start("n0", node("join", "--broker", front, "--name", "n0", "--shards", "1", "--steps", "8", "--batch-size", "4",
+                           "--lockstep", "--window", "1", "--state", str(tmp_path / "n0"), "--device", "cpu"))
+    assert fleet.wait("n0", 300) == 0, fleet.tail("n0")
+    time.sleep(1.0)  # the last relay
+    assert fleet.stop("trainer") == 0 and fleet.stop("denoiser") == 0
+
+    def weights(path):
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["collafuse"])["metadata"]["step"], {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+
+    (s_t, w_t), (s_d, w_d) = weights(tmp_path / "trainer.safetensors"), weights(tmp_path / "denoiser.safetensors")
+    assert s_t == s_d == 8
+    assert all(torch.equal(w_t[k], w_d[k]) for k in w_t)  # the denoiser started from other weights (seed 7)
+
+
+def test_up_starts_and_stops_the_server_side(tmp_path):
+    import subprocess
+    import sys
+
+    state = tmp_path / "srv"
+    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "up", "--workers", "2", "--device", "cpu", "--state", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("up: broker tcp://127.0.0.1:"), first
+        front = first.split()[2]
+        st = fetch_status(front)
+        assert sorted(w["name"] for w in st["workers"]) == ["worker0", "worker1"]
+        assert [w["trainer"] for w in sorted(st["workers"], key=lambda w: w["name"])] == [True, False]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "up: stopped" in out
+    assert _status(front) is None  # the broker is gone too
+
+
+def test_demo_writes_a_report(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "collafuse.cli", "demo", "--out", str(out), "--clients", "2", "--steps", "3",
+                           "--batch-size", "4", "--samples", "3", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "[demo]" in proc.stderr and "report:" in proc.stdout
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(metrics["clients"]) == {"client0", "client1"}
+    assert all(c["acked"] == c["sent"] == 3 for c in metrics["clients"].values())
+    assert (out / "report" / "samples.png").stat().st_size > 0 and (out / "report" / "real.png").stat().st_size > 0
