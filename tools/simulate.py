@@ -21,6 +21,7 @@ from collafuse.config import SimulateConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import parameter_count, resolve_device
 from collafuse.datasets import load_federated
+from collafuse.evaluation.energy import PhaseEnergy
 from collafuse.node.party import ClientParty, client_seed
 from collafuse.tools.images import save_grid
 from collafuse.tools.progress import Progress
@@ -51,24 +52,33 @@ def _resume_all(folder: Path, clients: list[ClientParty], server: ServerParty | 
 
 
 def generate(
-    clients: list[ClientParty], server: ServerParty | None, count: int, seed: int, config: SimulateConfig, max_batch: int = 256
+    clients: list[ClientParty],
+    server: ServerParty | None,
+    count: int,
+    seed: int,
+    config: SimulateConfig,
+    energy: PhaseEnergy,
+    max_batch: int = 256,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per client: the server's output at t_c (what the server produced) and the finished images."""
     cut_images: dict[str, torch.Tensor] = {}
     if server is not None:
         jobs = [server.denoise_job(c.name, count, c.t_c, seed + i, config.sampler) for i, c in enumerate(clients) if c.uses_server]
-        cut_images = server.sampler(max_batch).run(jobs)
+        with energy.phase("server_denoising"):
+            cut_images = server.sampler(max_batch).run(jobs)
     out = {}
     for i, c in enumerate(clients):
         x_tc = cut_images.get(c.name)
-        out[c.name] = {"images": c.finish(x_tc, count, seed + i, config.sampler, max_batch)}
+        with energy.phase(f"local_denoising/{c.name}"):
+            out[c.name] = {"images": c.finish(x_tc, count, seed + i, config.sampler, max_batch)}
         if x_tc is not None:
             out[c.name]["server_output"] = x_tc
     return out
 
 
-def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> dict[str, Any]:
+def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, track_energy: bool = True) -> dict[str, Any]:
     started = time.monotonic()
+    energy = PhaseEnergy(enabled=track_energy)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.data.seed)
@@ -97,12 +107,14 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> d
         messages = []
         for c in clients:
             x0 = c.batch()
-            if c.has_local_model:
-                window[c.name].append(c.train_local(x0))
-            if c.uses_server:
-                messages.append(c.server_message(x0))
+            with energy.phase(f"local_training/{c.name}"):
+                if c.has_local_model:
+                    window[c.name].append(c.train_local(x0))
+                if c.uses_server:
+                    messages.append(c.server_message(x0))
         if server is not None:
-            window["server"].append(server.train_step(messages))
+            with energy.phase("server_training"):
+                window["server"].append(server.train_step(messages))
         if step % config.log_every == 0 or step == config.steps:
             for k, v in window.items():
                 losses[k].append([step, sum(v) / len(v)])
@@ -113,7 +125,7 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> d
     train_seconds = time.monotonic() - started
 
     sample_start = time.monotonic()
-    samples = generate(clients, server, config.samples_per_client, SAMPLE_SEED, config)
+    samples = generate(clients, server, config.samples_per_client, SAMPLE_SEED, config, energy)
     sample_seconds = time.monotonic() - sample_start
     save_grid([samples[c.name]["images"] for c in clients], out / "samples.png")
     save_grid([data.clients[i][: config.samples_per_client] for i in range(len(clients))], out / "real.png")
@@ -139,6 +151,7 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False) -> d
         "holdout": {"images": int(data.holdout.shape[0]), "data": data.holdout_provenance},
         "losses": losses,
         "resumed_from_step": first,
+        "energy": energy.stop(),
         "wall_seconds": {"train": round(train_seconds, 2), "sample": round(sample_seconds, 2), "total": round(time.monotonic() - started, 2)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,1 @@
+"""Measuring the paper's trade-offs: image fidelity (KID), disclosed information, energy."""
