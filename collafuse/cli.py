@@ -152,6 +152,7 @@ def worker(
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CUDA."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
+    energy_report: str = typer.Option("", "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
     heartbeat_interval: float = HB_INTERVAL,
     heartbeat_liveness: int = HB_LIVENESS,
     max_frame_bytes: int = MAX_FRAME,
@@ -164,7 +165,7 @@ def worker(
     config = WorkerConfig(
         broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
         max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, bf16=bf16, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+        checkpoint_every=checkpoint_every, bf16=bf16, energy_report=energy_report, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
         train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
     )
     try:

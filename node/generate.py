@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from collafuse.config import NodeConfig, SamplerConfig
 from collafuse.core.checkpoint import load_checkpoint
+from collafuse.evaluation.energy import PhaseEnergy
 from collafuse.node.join import checkpoint_path, connect, make_party
 from collafuse.protocol import tensors, wire
 from collafuse.tools.images import save_grid, save_pngs
@@ -60,7 +62,10 @@ def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: 
     started = time.monotonic()
     x_tc = server_part(config, party, count, seed, sampler, timeout) if party.uses_server else None
     server_seconds = time.monotonic() - started
-    images = party.finish(x_tc, count, seed, sampler)
+    energy = PhaseEnergy()
+    with energy.phase("local_denoising"):
+        images = party.finish(x_tc, count, seed, sampler)
+    report = energy.stop()
     out.mkdir(parents=True, exist_ok=True)
     save_pngs(images, out)
     save_grid([images[i : i + 8] for i in range(0, count, 8)], out / "grid.png")
@@ -68,4 +73,7 @@ def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: 
     if x_tc is not None:
         tensors_out["server_output"] = x_tc.contiguous()
     save_file(tensors_out, str(out / "samples.safetensors"))
-    return {"count": count, "t_c": party.t_c, "server_seconds": round(server_seconds, 2), "total_seconds": round(time.monotonic() - started, 2)}
+    info = {"count": count, "t_c": party.t_c, "server_seconds": round(server_seconds, 2),
+            "total_seconds": round(time.monotonic() - started, 2), "energy": report}
+    (out / "generate.json").write_text(json.dumps(info, indent=2))
+    return info

@@ -23,6 +23,7 @@ from collafuse.config import DataConfig, DiffusionConfig, NodeConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import resolve_device
 from collafuse.datasets import load_federated
+from collafuse.evaluation.energy import PhaseEnergy
 from collafuse.lifecycle import Stoppable
 from collafuse.node.link import BrokerLink
 from collafuse.node.party import ClientParty, client_seed
@@ -80,6 +81,7 @@ class Join(Stoppable):
         self.link: BrokerLink | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self.stopping = False
+        self.energy = PhaseEnergy()
         self.figures: dict[str, Any] = {"local_loss": [], "server_loss": [], "sent": 0, "acked": 0, "skipped": 0, "errors": {}}
 
     def handle(self, replies) -> None:
@@ -113,13 +115,15 @@ class Join(Stoppable):
                 break
             x0 = party.batch()
             if party.has_local_model:
-                window_losses.append(party.train_local(x0))
+                with self.energy.phase("local_training"):
+                    window_losses.append(party.train_local(x0))
             if self.link is not None:
                 must_wait = self.lockstep or not party.has_local_model
                 while must_wait and self.link.count("train") >= cfg.window and not self.stopping:
                     self.handle(self.link.poll(0.05))
                 if self.link.count("train") < cfg.window:
-                    self.send_message(step, x0)
+                    with self.energy.phase("local_training"):  # the local noising is local work too
+                        self.send_message(step, x0)
                 else:
                     self.figures["skipped"] += 1
                 self.handle(self.link.poll(0))
@@ -139,6 +143,7 @@ class Join(Stoppable):
             if step % cfg.checkpoint_every == 0:
                 self.checkpoint(step)
         self.drain()
+        self.figures["energy"] = self.energy.stop()
         self.checkpoint(step)
         self.write_progress(step, done=True)
         if self.link is not None:

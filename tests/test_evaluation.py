@@ -126,3 +126,16 @@ def test_sweep_writes_tables_and_figure_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "c=0.60: already done, not recomputed" in second.stderr
     assert (out / "c0.60" / "evaluation.json").stat().st_mtime_ns == before
+
+
+def test_sweep_through_the_real_system_measures_node_and_worker_energy(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "collafuse.cli", "sweep", "--out", str(out), "--cut-ratios", "0.6", "--clients", "2",
+                           "--steps", "2", "--batch-size", "4", "--samples", "4", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "[demo]" in proc.stderr  # broker, worker and nodes as processes
+    rows = json.loads((out / "c0.60" / "evaluation.json").read_text())
+    assert all(r["local_kwh"] > 0 and r["server_kwh"] > 0 and r["kid_produced"] > 0 for r in rows)
+    server = json.loads((out / "c0.60" / "server_energy.json").read_text())
+    assert server["phases"]["server_training"]["seconds"] > 0 and server["stats"]["train_steps"] > 0

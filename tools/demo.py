@@ -42,7 +42,7 @@ def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkp
     for i in range(workers):
         args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args]
         if checkpoint_dir is not None and i == 0:
-            args += ["--checkpoint", str(checkpoint_dir / "server.safetensors")]
+            args += ["--checkpoint", str(checkpoint_dir / "server.safetensors"), "--energy-report", str(checkpoint_dir / "server_energy.json")]
         if i > 0:
             args.append("--no-train")
         fleet.start(f"worker{i}", cli(*args))

@@ -86,8 +86,14 @@ def _train_and_generate(cfg: SweepConfig, c: float, folder: Path, say: Callable[
                         image_size=cfg.image_size, samples=cfg.samples, client_model=cfg.client_model,
                         server_model=cfg.server_model, device=cfg.device, seed=cfg.seed), say=say)
     samples = {n: load_file(str(folder / n / "samples" / "samples.safetensors")) for n in names}
-    nan = {"local_kwh": math.nan, "server_kwh": math.nan, "method": "not measured through the networked system yet"}
-    return samples, {n: dict(nan) for n in names}
+    server = json.loads((folder / "server_energy.json").read_text())
+    energy = {}
+    for n in names:
+        trained = json.loads((folder / n / "progress.json").read_text())["energy"]
+        generated = json.loads((folder / n / "samples" / "generate.json").read_text())["energy"]
+        energy[n] = {"local_kwh": trained["total_kwh"] + generated["total_kwh"], "server_kwh": server["total_kwh"] / cfg.clients,
+                     "method": trained["method"]}
+    return samples, energy
 
 
 def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], features: InceptionFeatures, data, real_feats) -> list[dict]:

@@ -11,6 +11,7 @@ between iterations. Heartbeats both ways; a broker silent for interval × livene
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import resolve_device
 from collafuse.core.sampler import SampleJob
 from collafuse.core.split import ServerMessage
+from collafuse.evaluation.energy import PhaseEnergy
 from collafuse.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
@@ -56,6 +58,7 @@ class Worker(Stoppable):
         self.stopping = False
         self.last_heard = self.next_heartbeat = 0.0
         self.last_checkpoint_step = self.party.step
+        self.energy = PhaseEnergy()
         self.stats = {"train_steps": 0, "train_rows": 0, "denoise_iterations": 0, "denoise_rows": 0, "jobs": 0}
 
     # ---- connection -------------------------------------------------------------------------
@@ -181,7 +184,8 @@ class Worker(Stoppable):
             env, msg = self.pending.pop(0)
             batch.append((env, msg))
             total += msg.t.shape[0]
-        loss = self.party.train_step([m for _, m in batch])
+        with self.energy.phase("server_training"):
+            loss = self.party.train_step([m for _, m in batch])
         self.stats["train_steps"] += 1
         self.stats["train_rows"] += total
         self.pending_since = time.monotonic()
@@ -209,7 +213,8 @@ class Worker(Stoppable):
 
     def denoise_once(self) -> None:
         before = self.engine.rows_processed
-        finished = self.engine.iterate()
+        with self.energy.phase("server_denoising"):
+            finished = self.engine.iterate()
         self.stats["denoise_iterations"] += 1
         self.stats["denoise_rows"] += self.engine.rows_processed - before
         for job in finished:
@@ -249,6 +254,9 @@ class Worker(Stoppable):
                 self.maybe_train()
         if self.config.checkpoint:
             self.checkpoint()
+        report = self.energy.stop()
+        if self.config.energy_report:
+            Path(self.config.energy_report).write_text(json.dumps({**report, "stats": self.stats}, indent=2))
         if self.sock is not None:
             self.send(wire.encode("bye"))
             self.sock.close(linger=1000)
