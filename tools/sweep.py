@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +38,7 @@ class SweepConfig:
     steps: int = 600
     batch_size: int = 16
     image_size: int = 32
-    samples: int = 64  # generated images per client, and the real images each KID compares them with
+    samples: int = 64  # generated images per client
     in_process: bool = True
     device: str = "auto"
     client_model: str = "tiny"
@@ -47,18 +46,30 @@ class SweepConfig:
     seed: int = 0
 
 
-def _kid(features: InceptionFeatures, a: torch.Tensor | np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    fa = features(a) if isinstance(a, torch.Tensor) else a
-    return kernel_distance(fa, b)
+def _kid(features: InceptionFeatures, a: torch.Tensor, b: np.ndarray) -> tuple[float, float]:
+    """KID ± its standard deviation over 100 subsets of half the generated set, so that the spread
+    reflects sampling on both sides (with equal full sets every subset would be the same)."""
+    return kernel_distance(features(a), b, max_subset_size=max(2, a.shape[0] // 2))
 
 
-def _train_and_generate(cfg: SweepConfig, c: float, folder: Path, say: Callable[[str], None]) -> tuple[dict, dict]:
-    """(per-client samples {images, server_output?}, per-client energy {local_kwh, ...})."""
-    names = [f"client{i}" for i in range(cfg.clients)]
+def _names(cfg: SweepConfig) -> list[str]:
+    return [f"client{i}" for i in range(cfg.clients)]
+
+
+def _finished(cfg: SweepConfig, folder: Path) -> bool:
+    """Training and generation for this cut ratio are on disk (then only the evaluation is redone)."""
+    if cfg.in_process:
+        return (folder / "metrics.json").is_file() and (folder / "samples.safetensors").is_file()
+    return (folder / "server_energy.json").is_file() and all(
+        (folder / n / "samples" / "generate.json").is_file() for n in _names(cfg)
+    )
+
+
+def _train_and_generate(cfg: SweepConfig, c: float, folder: Path, say: Callable[[str], None]) -> None:
     if cfg.in_process:
         from collafuse.tools.simulate import run_simulation
 
-        metrics = run_simulation(
+        run_simulation(
             SimulateConfig(
                 cut_ratios=(c,), steps=cfg.steps, client_model=cfg.client_model, server_model=cfg.server_model,
                 samples_per_client=cfg.samples, device=cfg.device,
@@ -67,24 +78,29 @@ def _train_and_generate(cfg: SweepConfig, c: float, folder: Path, say: Callable[
             ),
             folder,
         )
-        flat = load_file(str(folder / "samples.safetensors"))
-        samples = {n: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(n + ".")} for n in names}
-        phases = metrics["energy"]["phases"]
-        server_kwh = sum(p["kwh"] for k, p in phases.items() if k.startswith("server"))
-        energy = {
-            n: {
-                "local_kwh": sum(p["kwh"] for k, p in phases.items() if k.endswith("/" + n)),
-                "server_kwh": server_kwh / cfg.clients,
-                "method": metrics["energy"]["method"],
-            }
-            for n in names
-        }
-        return samples, energy
+        return
     from collafuse.tools.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=folder, clients=cfg.clients, cut_ratios=(c,), steps=cfg.steps, batch_size=cfg.batch_size,
                         image_size=cfg.image_size, samples=cfg.samples, client_model=cfg.client_model,
                         server_model=cfg.server_model, device=cfg.device, seed=cfg.seed), say=say)
+
+
+def _load_run(cfg: SweepConfig, folder: Path) -> tuple[dict, dict, float]:
+    """(per-client samples {images, server_output?}, per-client energy, wall seconds) of a finished run."""
+    names = _names(cfg)
+    if cfg.in_process:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        flat = load_file(str(folder / "samples.safetensors"))
+        samples = {n: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(n + ".")} for n in names}
+        phases = metrics["energy"]["phases"]
+        server_kwh = sum(p["kwh"] for k, p in phases.items() if k.startswith("server"))
+        energy = {
+            n: {"local_kwh": sum(p["kwh"] for k, p in phases.items() if k.endswith("/" + n)),
+                "server_kwh": server_kwh / cfg.clients, "method": metrics["energy"]["method"]}
+            for n in names
+        }
+        return samples, energy, metrics["wall_seconds"]["total"]
     samples = {n: load_file(str(folder / n / "samples" / "samples.safetensors")) for n in names}
     server = json.loads((folder / "server_energy.json").read_text())
     energy = {}
@@ -93,7 +109,8 @@ def _train_and_generate(cfg: SweepConfig, c: float, folder: Path, say: Callable[
         generated = json.loads((folder / n / "samples" / "generate.json").read_text())["energy"]
         energy[n] = {"local_kwh": trained["total_kwh"] + generated["total_kwh"], "server_kwh": server["total_kwh"] / cfg.clients,
                      "method": trained["method"]}
-    return samples, energy
+    wall = json.loads((folder / "report" / "metrics.json").read_text())["wall_seconds"]
+    return samples, energy, wall
 
 
 def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], features: InceptionFeatures, data, real_feats) -> list[dict]:
@@ -102,10 +119,12 @@ def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], feature
     if done.is_file():
         say(f"[sweep] c={c:.2f}: already done, not recomputed")
         return json.loads(done.read_text())
-    say(f"[sweep] c={c:.2f}: training and generating")
-    started = time.monotonic()
-    samples, energy = _train_and_generate(cfg, c, folder, say)
-    wall = time.monotonic() - started
+    if _finished(cfg, folder):
+        say(f"[sweep] c={c:.2f}: training and generation on disk; evaluating")
+    else:
+        say(f"[sweep] c={c:.2f}: training and generating")
+        _train_and_generate(cfg, c, folder, say)
+    samples, energy, wall = _load_run(cfg, folder)
     schedule = CosineSchedule(DiffusionConfig())
     t_c = DiffusionConfig().cut_level(c)
     rows = []
@@ -168,7 +187,7 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> list[dict
     cfg.out.mkdir(parents=True, exist_ok=True)
     features = InceptionFeatures(device="cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     data = load_federated(DataConfig(clients=cfg.clients, image_size=cfg.image_size, seed=cfg.seed))
-    real_feats = {"client": [features(x[: cfg.samples]) for x in data.clients], "holdout": features(data.holdout)}
+    real_feats = {"client": [features(x) for x in data.clients], "holdout": features(data.holdout)}
     rows = [r for c in cfg.cut_ratios for r in evaluate_cut(cfg, c, say, features, data, real_feats)]
     write_tables(rows, cfg.out)
     from collafuse.tools.plots import sweep_figure
