@@ -335,7 +335,8 @@ def sweep(
     steps: int = typer.Option(600, "--steps", min=1, help="Training steps per cut ratio."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per client per step."),
     image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
-    samples: int = typer.Option(64, "--samples", min=2, help="Images generated per client (and real images per KID)."),
+    samples: int = typer.Option(64, "--samples", min=4, help="Images generated per client."),
+    real_images: int = typer.Option(512, "--real-images", min=4, help="Real images per client for KID (half as many hold-out images)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes."),
     client_model: str = typer.Option("tiny", "--client-model", help="Client U-Net preset."),
     server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
@@ -347,7 +348,7 @@ def sweep(
     from collafuse.tools.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(out=out, cut_ratios=parse_ratios(cut_ratios), clients=clients, steps=steps, batch_size=batch_size,
-                      image_size=image_size, samples=samples, in_process=in_process, client_model=client_model,
+                      image_size=image_size, samples=samples, real_images=real_images, in_process=in_process, client_model=client_model,
                       server_model=server_model, device=device, seed=seed)
     try:
         run_sweep(cfg, say=lambda line: typer.echo(line, err=True))

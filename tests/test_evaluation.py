@@ -113,7 +113,7 @@ def test_phase_energy_is_measured_offline_and_split_by_time():
 def test_sweep_writes_tables_and_figure_and_resumes(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "collafuse.cli", "sweep", "--out", str(out), "--cut-ratios", "0.6,1", "--clients", "2",
-           "--steps", "2", "--batch-size", "4", "--samples", "4", "--in-process", "--device", "cpu"]
+           "--steps", "2", "--batch-size", "4", "--samples", "4", "--real-images", "8", "--in-process", "--device", "cpu"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "CODECARBON_LOG_LEVEL": "error"})
     assert first.returncode == 0, first.stderr
     rows = (out / "results.csv").read_text().strip().splitlines()
@@ -131,7 +131,7 @@ def test_sweep_writes_tables_and_figure_and_resumes(tmp_path):
 def test_sweep_through_the_real_system_measures_node_and_worker_energy(tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "collafuse.cli", "sweep", "--out", str(out), "--cut-ratios", "0.6", "--clients", "2",
-                           "--steps", "2", "--batch-size", "4", "--samples", "4", "--device", "cpu"],
+                           "--steps", "2", "--batch-size", "4", "--samples", "4", "--real-images", "8", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "[demo]" in proc.stderr  # broker, worker and nodes as processes

@@ -39,6 +39,7 @@ class SweepConfig:
     batch_size: int = 16
     image_size: int = 32
     samples: int = 64  # generated images per client
+    real_images: int = 512  # real images per client that KID compares with (half as many hold-out images)
     in_process: bool = True
     device: str = "auto"
     client_model: str = "tiny"
@@ -183,11 +184,25 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _real_features(cfg: SweepConfig, features: InceptionFeatures, data) -> dict:
+    """Inception features of the real images, cached in OUT/real_features.npz (plain arrays, no pickle)."""
+    path = cfg.out / "real_features.npz"
+    key = np.array([cfg.clients, cfg.image_size, cfg.seed, cfg.real_images])
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as cached:
+            if np.array_equal(cached["key"], key):
+                return {"client": [cached[f"client{i}"] for i in range(cfg.clients)], "holdout": cached["holdout"]}
+    feats = {"client": [features(x) for x in data.clients], "holdout": features(data.holdout)}
+    np.savez(path, key=key, holdout=feats["holdout"], **{f"client{i}": f for i, f in enumerate(feats["client"])})
+    return feats
+
+
 def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> list[dict]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     features = InceptionFeatures(device="cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    data = load_federated(DataConfig(clients=cfg.clients, image_size=cfg.image_size, seed=cfg.seed))
-    real_feats = {"client": [features(x) for x in data.clients], "holdout": features(data.holdout)}
+    data = load_federated(DataConfig(clients=cfg.clients, image_size=cfg.image_size, seed=cfg.seed,
+                                     images_per_client=cfg.real_images, holdout_images=max(2, cfg.real_images // 2)))
+    real_feats = _real_features(cfg, features, data)
     rows = [r for c in cfg.cut_ratios for r in evaluate_cut(cfg, c, say, features, data, real_feats)]
     write_tables(rows, cfg.out)
     from collafuse.tools.plots import sweep_figure
