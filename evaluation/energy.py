@@ -26,10 +26,15 @@ class PhaseEnergy:
             except ImportError:
                 self.method = "codecarbon not installed"
                 return
-            self.tracker = OfflineEmissionsTracker(
-                country_iso_code=country, save_to_file=False, log_level="error", measure_power_secs=5, tracking_mode="process"
-            )
-            self.tracker.start()
+            try:  # a measurement problem must never stop the run it measures
+                tracker = OfflineEmissionsTracker(
+                    country_iso_code=country, save_to_file=False, log_level="error", measure_power_secs=5, tracking_mode="process"
+                )
+                tracker.start()
+            except Exception as exc:  # noqa: BLE001 - codecarbon raises many kinds on odd hardware
+                self.method = f"codecarbon failed to start: {type(exc).__name__}: {exc}"
+                return
+            self.tracker = tracker
             modes = [f"{type(h).__name__}:{getattr(h, '_mode', None) or 'counter'}" for h in getattr(self.tracker, "_hardware", [])]
             self.method = ", ".join(modes) or "unknown"
 

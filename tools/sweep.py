@@ -114,17 +114,27 @@ def _load_run(cfg: SweepConfig, folder: Path) -> tuple[dict, dict, float]:
     return samples, energy, wall
 
 
-def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], features: InceptionFeatures, data, real_feats) -> list[dict]:
-    folder = cfg.out / f"c{c:.2f}"
-    done = folder / "evaluation.json"
-    if done.is_file():
-        say(f"[sweep] c={c:.2f}: already done, not recomputed")
-        return json.loads(done.read_text())
+def run_folder(cfg: SweepConfig, c: float) -> Path:
+    return cfg.out / f"c{c:.2f}"
+
+
+def ensure_run(cfg: SweepConfig, c: float, say: Callable[[str], None]) -> Path:
+    """Train and generate for cut ratio c unless that run is already on disk; its folder."""
+    folder = run_folder(cfg, c)
     if _finished(cfg, folder):
-        say(f"[sweep] c={c:.2f}: training and generation on disk; evaluating")
+        say(f"[sweep] c={c:.2f}: training and generation on disk")
     else:
         say(f"[sweep] c={c:.2f}: training and generating")
         _train_and_generate(cfg, c, folder, say)
+    return folder
+
+
+def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], features: InceptionFeatures, data, real_feats) -> list[dict]:
+    done = run_folder(cfg, c) / "evaluation.json"
+    if done.is_file():
+        say(f"[sweep] c={c:.2f}: already done, not recomputed")
+        return json.loads(done.read_text())
+    folder = ensure_run(cfg, c, say)
     samples, energy, wall = _load_run(cfg, folder)
     schedule = CosineSchedule(DiffusionConfig())
     t_c = DiffusionConfig().cut_level(c)
