@@ -63,6 +63,19 @@ class _Row:
     pos: int  # index into job.path of the row's current level
 
 
+@dataclass
+class _Transfer:
+    """Retired rows on their way to host memory. On a GPU the copy runs behind the next model call
+    (pinned memory, an event), so that returning results never makes the host wait for the device."""
+
+    x: torch.Tensor
+    rows: list[_Row]
+    copied: torch.cuda.Event | None  # None: already on the host
+
+    def ready(self) -> bool:
+        return self.copied is None or self.copied.query()
+
+
 class BatchedSampler:
     def __init__(
         self,
@@ -81,6 +94,7 @@ class BatchedSampler:
         self.streams = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.bases = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.etas = torch.empty((0,), dtype=torch.float64, device=self.device)
+        self.transfers: deque[_Transfer] = deque()
         self.iterations = 0
         self.rows_processed = 0
 
@@ -93,7 +107,7 @@ class BatchedSampler:
         return sum(job.count - nxt for job, nxt in self.queue)
 
     def idle(self) -> bool:
-        return not self.rows and not self.queue
+        return not self.rows and not self.queue and not self.transfers
 
     def submit(self, job: SampleJob) -> list[SampleJob]:
         """Queue a job; a job with nothing to do (start == base) is returned finished at once."""
@@ -136,8 +150,12 @@ class BatchedSampler:
             self.bases = torch.cat([self.bases, *new_bases])
             self.etas = torch.cat([self.etas, *new_etas])
 
+    def _index(self, positions: list[int]) -> torch.Tensor:
+        """Row positions as a device index, copied without waiting for the device."""
+        return torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
+
     def _keep(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+        index = self._index(keep)
         self.rows = [self.rows[i] for i in keep]
         self.x, self.keys, self.streams = self.x[index], self.keys[index], self.streams[index]
         self.bases, self.etas = self.bases[index], self.etas[index]
@@ -145,9 +163,10 @@ class BatchedSampler:
     @torch.no_grad()
     def iterate(self) -> list[SampleJob]:
         """Admit, one model call over the pool, advance every row, retire; return finished jobs."""
+        finished = self._deliver(wait=False)
         self._admit()
         if not self.rows:
-            return []
+            return finished + self._deliver(wait=True)  # nothing left to overlap the copies with
         levels = torch.tensor([[r.job.path[r.pos] for r in self.rows], [r.job.path[r.pos + 1] for r in self.rows]], dtype=torch.int64)
         t, s = levels.to(self.device, non_blocking=True)  # one small copy per iteration
         if any(r.job.eta > 0 for r in self.rows):
@@ -163,24 +182,37 @@ class BatchedSampler:
         for i, row in enumerate(self.rows):
             row.pos += 1
             (retire if row.pos == len(row.job.path) - 1 else keep).append(i)
-        if not retire:
-            return []
-        finished: list[SampleJob] = []
-        retired_x = self.x[torch.tensor(retire, dtype=torch.int64, device=self.device)].cpu()
-        for x, i in zip(retired_x, retire):
-            job = self.rows[i].job
-            assert job.result is not None
-            job.result[self.rows[i].index] = x
-            job.remaining -= 1
-            if job.remaining == 0:
-                finished.append(job)
-        self._keep(keep)
-        return finished
+        if retire:
+            self._send_home(retire)
+            self._keep(keep)
+        return finished + self._deliver(wait=False)
 
-    def drop_job(self, job_id: str) -> None:
-        """Forget a job (its requester went away); its rows leave the pool."""
-        self.queue = deque((j, n) for j, n in self.queue if j.job_id != job_id)
-        self._keep([i for i, r in enumerate(self.rows) if r.job.job_id != job_id])
+    def _send_home(self, retire: list[int]) -> None:
+        x = self.x[self._index(retire)]
+        copied = None
+        if x.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            x = host
+        self.transfers.append(_Transfer(x, [self.rows[i] for i in retire], copied))
+
+    def _deliver(self, wait: bool) -> list[SampleJob]:
+        """Write arrived rows into their jobs (in order of retirement); the jobs now complete."""
+        finished: list[SampleJob] = []
+        while self.transfers and (wait or self.transfers[0].ready()):
+            transfer = self.transfers.popleft()
+            if transfer.copied is not None:
+                transfer.copied.synchronize()
+            for x, row in zip(transfer.x, transfer.rows):
+                job = row.job
+                assert job.result is not None
+                job.result[row.index] = x
+                job.remaining -= 1
+                if job.remaining == 0:
+                    finished.append(job)
+        return finished
 
     def run(self, jobs: list[SampleJob]) -> dict[str, torch.Tensor]:
         """Submit jobs and iterate until all are done (the in-process path)."""

@@ -20,6 +20,13 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn on the generator's own device and moved to x's, so that a CPU-seeded party
+    draws the same numbers whether its model runs on the CPU or on a GPU."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
 def noise_to_level(
     schedule: CosineSchedule, x_base: torch.Tensor, t: torch.Tensor, base: torch.Tensor, eps: torch.Tensor
 ) -> torch.Tensor:
@@ -59,10 +66,10 @@ def make_server_message(
         raise ValueError("a client with t_c = T (cut ratio 1) sends nothing to the server")
     b = x0.shape[0]
     tc = torch.full((b,), t_c, dtype=torch.int64)
-    eps1 = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps1 = _randn_like(x0, generator)
     x_tc = noise_to_level(schedule, x0, tc, torch.zeros_like(tc), eps1)
     t = torch.randint(t_c + 1, schedule.levels + 1, (b,), generator=generator)
-    eps2 = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps2 = _randn_like(x0, generator)
     return server_message(schedule, x_tc, tc, t, eps2)
 
 
@@ -86,7 +93,7 @@ def client_loss(
         raise ValueError("a client with t_c = 0 (cut ratio 0) keeps no local model")
     b = x0.shape[0]
     t = torch.randint(1, t_c + 1, (b,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps = _randn_like(x0, generator)
     x_t = noise_to_level(schedule, x0, t, torch.zeros_like(t), eps)
     return F.mse_loss(model(x_t, t.to(x0.device)).sample, eps)
 

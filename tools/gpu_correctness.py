@@ -1,4 +1,5 @@
-"""CUDA correctness: the same weights and seeds give the same samples on the GPU as on the CPU."""
+"""CUDA correctness: the same weights and seeds give the same samples, losses and client steps on
+the GPU as on the CPU (run by tools/gpu_bench.sh on a lent machine)."""
 
 import json
 
@@ -6,8 +7,12 @@ import torch
 
 from collafuse.config import SamplerConfig
 from collafuse.core.noise import row_keys, row_noise
+from collafuse.core.schedule import CosineSchedule
+from collafuse.core.split import make_server_message
+from collafuse.node.party import ClientParty
 from collafuse.worker.party import ServerParty
 
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 torch.manual_seed(0)
 cpu = ServerParty((1, 32, 32), "tiny", device="cpu")
 gpu = ServerParty((1, 32, 32), "tiny", device="cuda")
@@ -16,13 +21,13 @@ keys = row_keys(5, 0, 8)
 noise_diff = float((row_noise(keys, torch.full((8,), 7), (1, 32, 32)) - row_noise(keys.cuda(), torch.full((8,), 7, device="cuda"), (1, 32, 32)).cpu()).abs().max())
 cfg = SamplerConfig()
 a = cpu.sampler(16).run([cpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
-torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
-x = torch.rand(16, 1, 32, 32) * 2 - 1
-from collafuse.core.split import make_server_message
-from collafuse.core.schedule import CosineSchedule
-msg = make_server_message(CosineSchedule(), x, 40, torch.Generator().manual_seed(0))
+b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]  # rows retire in several transfers
+msg = make_server_message(CosineSchedule(), torch.rand(16, 1, 32, 32) * 2 - 1, 40, torch.Generator().manual_seed(0))
 loss_cpu, loss_gpu = cpu.train_step([msg]), gpu.train_step([msg])
+data = torch.rand(64, 1, 32, 32) * 2 - 1
+clients = [ClientParty("c", 0.6, data, "tiny", device=d, seed=3) for d in ("cpu", "cuda")]
+client_losses = [c.train_local(c.batch()) for c in clients]
 print(json.dumps({"what": "cuda_correctness", "noise_max_abs_diff_cpu_gpu": noise_diff,
                   "sample_max_abs_diff": float((a - b).abs().max()), "sample_scale": float(a.abs().max()),
-                  "train_loss_cpu": round(loss_cpu, 6), "train_loss_gpu": round(loss_gpu, 6)}))
+                  "train_loss_cpu": round(loss_cpu, 6), "train_loss_gpu": round(loss_gpu, 6),
+                  "client_loss_cpu": round(client_losses[0], 6), "client_loss_gpu": round(client_losses[1], 6)}))
