@@ -38,6 +38,18 @@ class RawClient:
         self.send(wire.encode("denoise", job=job, client=self.name, count=count, t_c=t_c, seed=seed, first_row=0,
                               sampler=sampler, steps=steps, eta=0.0))
 
+    def train(self, job: str, rows: int = 4, t_c: int = 60, seed: int = 0) -> None:
+        """A valid server-training job: x_t, t in (t_c, T], eps (random values of the right shapes)."""
+        import numpy as np
+
+        from collafuse.protocol import tensors
+
+        rng = np.random.default_rng(seed)
+        blob = tensors.encode({"x_t": rng.standard_normal((rows, *self.shape), dtype=np.float32),
+                               "t": rng.integers(t_c + 1, 101, rows).astype(np.int64),
+                               "eps": rng.standard_normal((rows, *self.shape), dtype=np.float32)})
+        self.send(wire.encode("train", job=job, client=self.name, rows=rows, t_c=t_c), blob)
+
     def collect(self, jobs: set[str], timeout: float) -> dict[str, list[dict]]:
         """Every reply per job id until all have one (and a short grace for duplicates)."""
         got: dict[str, list[dict]] = {}

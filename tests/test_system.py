@@ -258,6 +258,35 @@ def test_loadtest_reports_and_loses_nothing(tmp_path):
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
 
 
+def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weights(fleet):
+    """Two --train workers: the first to register trains. It is frozen with jobs in hand and then
+    killed; the broker re-queues them to the other, which continues from the relayed weights."""
+    front, back = start_broker(fleet)
+    train_flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2")
+    start_worker(fleet, back, front, "first", *train_flags)
+    start_worker(fleet, back, front, "second", *train_flags)
+    assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["first"]
+    client = RawClient(front, "c")
+    client.hello()
+    before = {f"a{i}" for i in range(4)}
+    for i, j in enumerate(sorted(before)):
+        client.train(j, seed=i)
+    got = client.collect(before, timeout=60)
+    assert set(got) == before and sorted(v[0]["step"] for v in got.values()) == [1, 2, 3, 4]
+    time.sleep(1.0)  # the relay of version 4
+    os.kill(fleet.procs["first"].pid, signal.SIGSTOP)
+    after = {f"b{i}" for i in range(6)}
+    for i, j in enumerate(sorted(after)):
+        client.train(j, seed=10 + i)
+    wait_for(lambda: next(w for w in _status(front)["workers"] if w["name"] == "first")["in_flight"] > 0, 30, what="first holding jobs")
+    os.kill(fleet.procs["first"].pid, signal.SIGKILL)
+    got = client.collect(after, timeout=120)
+    assert set(got) == after, f"lost: {after - set(got)}"
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
+    assert sorted(v[0]["step"] for v in got.values()) == [5, 6, 7, 8, 9, 10]  # continued from version 4
+    assert [(w["name"], w["trainer"]) for w in _status(front)["workers"]] == [("second", True)]
+
+
 def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
     """The trainer publishes every --sync-every steps; the broker relays to the other worker."""
     front, back = start_broker(fleet)
