@@ -47,10 +47,10 @@ class SweepConfig:
     seed: int = 0
 
 
-def _kid(features: InceptionFeatures, a: torch.Tensor, b: np.ndarray) -> tuple[float, float]:
-    """KID ± its standard deviation over 100 subsets of half the generated set, so that the spread
-    reflects sampling on both sides (with equal full sets every subset would be the same)."""
-    return kernel_distance(features(a), b, max_subset_size=max(2, a.shape[0] // 2))
+def _kid(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """KID ± its standard deviation over 100 subsets of half the generated set (features `a`), so that
+    the spread reflects sampling on both sides (with equal full sets every subset would be the same)."""
+    return kernel_distance(a, b, max_subset_size=max(2, a.shape[0] // 2))
 
 
 def _names(cfg: SweepConfig) -> list[str]:
@@ -144,17 +144,18 @@ def evaluate_cut(cfg: SweepConfig, c: float, say: Callable[[str], None], feature
         real = data.clients[i][: cfg.samples]
         gen = samples[name]["images"]
         row: dict[str, Any] = {"cut_ratio": c, "t_c": t_c, "client": name, "wall_s": round(wall, 1), **energy[name]}
-        row["kid_client"], row["kid_client_std"] = _kid(features, gen, real_feats["client"][i])
-        row["kid_holdout"], row["kid_holdout_std"] = _kid(features, gen, real_feats["holdout"])
+        gen_feats = features(gen)
+        row["kid_client"], row["kid_client_std"] = _kid(gen_feats, real_feats["client"][i])
+        row["kid_holdout"], row["kid_holdout_std"] = _kid(gen_feats, real_feats["holdout"])
         if t_c < schedule.levels:
             seen = seen_by_server(schedule, real, t_c, seed=i)
             recon = one_shot_reconstruction(schedule, seen, t_c)
             produced = samples[name]["server_output"]
             row["mse_seen_paired"] = paired_mse(seen, real)
             row["mse_reconstruction_paired"] = paired_mse(recon, real)
-            row["kid_reconstruction"], row["kid_reconstruction_std"] = _kid(features, recon, real_feats["client"][i])
+            row["kid_reconstruction"], row["kid_reconstruction_std"] = _kid(features(recon), real_feats["client"][i])
             row["mse_produced_nearest"] = nearest_mse(produced.clamp(-1, 1), data.clients[i])
-            row["kid_produced"], row["kid_produced_std"] = _kid(features, produced.clamp(-1, 1), real_feats["client"][i])
+            row["kid_produced"], row["kid_produced_std"] = _kid(features(produced.clamp(-1, 1)), real_feats["client"][i])
         else:  # c = 1: the server never sees or produces anything for this client
             for k in ("mse_seen_paired", "mse_reconstruction_paired", "kid_reconstruction", "kid_reconstruction_std",
                       "mse_produced_nearest", "kid_produced", "kid_produced_std"):
