@@ -7,6 +7,7 @@ then the raw little-endian data. Parsing reads only the header; arrays are zero-
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Mapping
 
@@ -16,6 +17,7 @@ from collafuse.protocol.wire import ErrorCode, ProtocolError
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items() if v is not None}
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in DTYPES.items() if v is not None}
 MAX_HEADER_BYTES = 1 << 20
 
 TensorSpec = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (dtype, exact shape)
@@ -66,14 +68,13 @@ def read_header(blob: memoryview | bytes, max_bytes: int) -> tuple[dict, int]:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: malformed header entry") from None
-        if dtype not in DTYPES or DTYPES[dtype] is None:
+        if dtype not in _ITEMSIZE:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: bad shape {shape!r}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: data offsets outside the frame")
-        if end - begin != count * np.dtype(DTYPES[dtype]).itemsize:
+        if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:  # exact integers: a huge claimed shape cannot wrap
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: {end - begin} bytes do not hold shape {shape} of {dtype}")
         spans.append((begin, end))
     spans.sort()

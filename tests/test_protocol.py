@@ -79,6 +79,9 @@ def _header_blob(header: dict, data: bytes = b"") -> bytes:
         (_header_blob({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
         (_header_blob({"x": {"dtype": "PICKLE", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
         (_header_blob({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
+        # a shape whose element count wraps to 0 in 64-bit arithmetic must not pass as an empty tensor
+        (_header_blob({"x": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, b""), ErrorCode.BAD_TENSOR),
+        (_header_blob({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
         (struct.pack("<Q", 4) + b"nope", ErrorCode.BAD_TENSOR),
         (b"\0" * (LIM.max_frame_bytes + 1), ErrorCode.TOO_LARGE),
     ],
