@@ -151,6 +151,7 @@ def worker(
     checkpoint: str = typer.Option("", "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CUDA."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
     energy_report: str = typer.Option("", "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
     heartbeat_interval: float = HB_INTERVAL,
@@ -165,7 +166,7 @@ def worker(
     config = WorkerConfig(
         broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
         max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, bf16=bf16, energy_report=energy_report, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
+        checkpoint_every=checkpoint_every, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
         train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
     )
     try:

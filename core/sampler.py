@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from collafuse.config import SamplerConfig
+from collafuse.core.graphs import Forward
 from collafuse.core.noise import row_keys, row_noise
 from collafuse.core.schedule import CosineSchedule, level_path
 from collafuse.core.split import sampler_step
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, base) → ε̂
 
 _STREAM_START, _STREAM_STEP = 1, 2
 
@@ -79,7 +77,7 @@ class _Transfer:
 class BatchedSampler:
     def __init__(
         self,
-        eps_fn: EpsFn,
+        eps_fn: Forward,  # (x_t, t, base) → ε̂
         schedule: CosineSchedule,
         image_shape: tuple[int, int, int],
         max_batch: int,

@@ -23,26 +23,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def raw_forward_rate(model_name: str, size: int, batch: int, device_name: str, bf16: bool, seconds: float = 5.0) -> float:
-    """Image-steps/s of the bare server model: one forward per iteration at a fixed batch."""
+def raw_forward_rate(
+    model_name: str, size: int, batch: int, device_name: str, bf16: bool, seconds: float = 5.0, cuda_graphs: bool = False
+) -> float:
+    """Image-steps/s of the bare server model: one forward per iteration at a fixed batch (the same
+    forward the sampler calls: eager, or a replayed CUDA graph)."""
     import torch
 
     from collafuse.core.models import resolve_device
     from collafuse.worker.party import ServerParty
 
     device = resolve_device(device_name)
-    party = ServerParty((1, size, size), model_name, device=device, autocast_bf16=bf16)
+    party = ServerParty((1, size, size), model_name, device=device, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
     party.model.eval()
+    forward = party.denoiser(batch)
     x = torch.randn(batch, 1, size, size, device=device)
     t = torch.randint(61, 101, (batch,), device=device)
     tc = torch.full((batch,), 60, device=device)
     with torch.no_grad():
         for _ in range(3):
-            party.eps(x, t, tc)
+            forward(x, t, tc)
         _sync(device)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            party.eps(x, t, tc)
+            forward(x, t, tc)
             n += 1
         _sync(device)
     return n * batch / (time.perf_counter() - start)
@@ -50,18 +54,20 @@ def raw_forward_rate(model_name: str, size: int, batch: int, device_name: str, b
 
 @app.command()
 def raw(
-    model: str = "paper", size: int = 128, batch: str = "1,64,256", device: str = "auto", bf16: bool = False, seconds: float = 5.0
+    model: str = "paper", size: int = 128, batch: str = "1,64,256", device: str = "auto", bf16: bool = False, seconds: float = 5.0,
+    cuda_graphs: bool = False,
 ) -> None:
     """The raw model forward rate per batch size (image-steps/s)."""
     for b in (int(x) for x in batch.split(",")):
-        typer.echo(json.dumps({"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16,
-                               "image_steps_per_s": round(raw_forward_rate(model, size, b, device, bf16, seconds), 1)}))
+        rate = raw_forward_rate(model, size, b, device, bf16, seconds, cuda_graphs)
+        typer.echo(json.dumps({"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16, "cuda_graphs": cuda_graphs,
+                               "image_steps_per_s": round(rate, 1)}))
 
 
 @app.command()
 def sampler(
     model: str = "paper", size: int = 128, max_batch: int = 64, jobs: int = 64, rows: int = 4, t_c: int = 0, device: str = "auto",
-    bf16: bool = False,
+    bf16: bool = False, cuda_graphs: bool = False,
 ) -> None:
     """The in-process continuous-batching sampler (what `simulate` and the worker run) against the raw model."""
     from collafuse.config import SamplerConfig
@@ -69,7 +75,7 @@ def sampler(
     from collafuse.worker.party import ServerParty
 
     dev = resolve_device(device)
-    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
+    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
     engine = party.sampler(max_batch)
     cfg = SamplerConfig()
     engine.run([party.denoise_job("warm", max_batch, 90, 0, cfg)])
@@ -78,8 +84,9 @@ def sampler(
     engine.run([party.denoise_job(f"j{i}", rows, t_c, i, cfg) for i in range(jobs)])
     _sync(dev)
     rate = (engine.rows_processed - before) / (time.perf_counter() - start)
-    raw_rate = raw_forward_rate(model, size, max_batch, device, bf16)
-    typer.echo(json.dumps({"what": "in_process_sampler", "model": model, "size": size, "bf16": bf16, "max_batch": max_batch,
+    raw_rate = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
+    typer.echo(json.dumps({"what": "in_process_sampler", "model": model, "size": size, "bf16": bf16, "cuda_graphs": cuda_graphs,
+                           "max_batch": max_batch,
                            "image_steps_per_s": round(rate, 1), "raw_image_steps_per_s": round(raw_rate, 1),
                            "ratio_to_raw": round(rate / raw_rate, 3)}))
 
@@ -114,9 +121,11 @@ def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 
 def system(
     model: str = "paper", size: int = 128, max_batch: int = 64, clients: int = 64, rows: int = 4, duration: float = 20.0,
     device: str = "auto", bf16: bool = False, ddim_steps: int = 100, single: bool = True, logs: Path = Path("/tmp/collafuse-bench"),
+    cuda_graphs: bool = False,
 ) -> None:
     """Denoising through the broker (one worker, many clients) against the raw model at the same batch,
-    and (with --single) the same worker serving one row at a time: the batching gain."""
+    and (with --single) the same worker serving one row at a time: the batching gain. With
+    --cuda-graphs the worker and the raw figure both replay graphs; the eager raw rate is given too."""
     from collafuse.tools.demo import start_server_side
     from collafuse.tools.launch import Fleet
     from collafuse.tools.loadtest import LoadConfig, run_load
@@ -125,21 +134,25 @@ def system(
         fleet = Fleet(logs / f"b{batch}")
         try:
             args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch)]
-            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []), None)
+            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + (["--cuda-graphs"] if cuda_graphs else []), None)
             run_load(LoadConfig(broker=front, clients=n_clients, duration=3, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=60), say=lambda _: None)
             return run_load(LoadConfig(broker=front, clients=n_clients, duration=duration, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=120), say=lambda _: None)
         finally:
             fleet.stop_all()
 
-    raw_before = raw_forward_rate(model, size, max_batch, device, bf16)
+    raw_before = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
     batched = through_broker(max_batch, clients, rows)
-    raw_after = raw_forward_rate(model, size, max_batch, device, bf16)
+    raw_after = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
     raw_rate = max(raw_before, raw_after)  # a GPU's clocks drift between runs: compare with the faster raw figure
-    out = {"what": "system_denoise", "model": model, "size": size, "bf16": bf16, "max_batch": max_batch, "clients": clients,
+    out = {"what": "system_denoise", "model": model, "size": size, "bf16": bf16, "cuda_graphs": cuda_graphs, "max_batch": max_batch,
+           "clients": clients,
            "rows_per_job": rows, "raw_image_steps_per_s": round(raw_rate, 1),
            "raw_before_after": [round(raw_before, 1), round(raw_after, 1)], "broker_image_steps_per_s": batched["image_steps_per_s"],
            "ratio_to_raw": round(batched["image_steps_per_s"] / raw_rate, 3), "mean_batch_fill": batched["mean_batch_fill"],
            "latency_ms": batched["latency_ms"], "lost": batched["lost"]}
+    if cuda_graphs:
+        eager = raw_forward_rate(model, size, max_batch, device, bf16)
+        out.update({"raw_eager_image_steps_per_s": round(eager, 1), "ratio_to_raw_eager": round(batched["image_steps_per_s"] / eager, 3)})
     if single:
         one = through_broker(1, 1, 1)
         out.update({"one_at_a_time_image_steps_per_s": one["image_steps_per_s"],

@@ -22,6 +22,9 @@ noise_diff = float((row_noise(keys, torch.full((8,), 7), (1, 32, 32)) - row_nois
 cfg = SamplerConfig()
 a = cpu.sampler(16).run([cpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
 b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]  # rows retire in several transfers
+graphed = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
+graphed.model.load_state_dict(cpu.model.state_dict())
+g = graphed.sampler(4).run([graphed.denoise_job("j", 6, 40, 3, cfg)])["j"]  # buckets 4 and 2
 msg = make_server_message(CosineSchedule(), torch.rand(16, 1, 32, 32) * 2 - 1, 40, torch.Generator().manual_seed(0))
 loss_cpu, loss_gpu = cpu.train_step([msg]), gpu.train_step([msg])
 data = torch.rand(64, 1, 32, 32) * 2 - 1
@@ -29,5 +32,6 @@ clients = [ClientParty("c", 0.6, data, "tiny", device=d, seed=3) for d in ("cpu"
 client_losses = [c.train_local(c.batch()) for c in clients]
 print(json.dumps({"what": "cuda_correctness", "noise_max_abs_diff_cpu_gpu": noise_diff,
                   "sample_max_abs_diff": float((a - b).abs().max()), "sample_scale": float(a.abs().max()),
+                  "graphed_sample_max_abs_diff": float((a - g).abs().max()),
                   "train_loss_cpu": round(loss_cpu, 6), "train_loss_gpu": round(loss_gpu, 6),
                   "client_loss_cpu": round(client_losses[0], 6), "client_loss_gpu": round(client_losses[1], 6)}))

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.core.graphs import Forward, GraphedForward
 from collafuse.core.models import build_unet
 from collafuse.core.optim import apply_loss
 from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
@@ -31,6 +32,7 @@ class ServerParty:
         device: torch.device | str = "cpu",
         autocast_bf16: bool = False,
         seed: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
         self.schedule = CosineSchedule(diffusion)
@@ -40,11 +42,17 @@ class ServerParty:
             self.model = build_unet(model_preset, image_shape[-1], conditioned_on_cut=True, channels=image_shape[0]).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this server model is on {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graphed: dict[int, GraphedForward] = {}
         self.step = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            # No cast cache: each weight is cast once per forward anyway, and a CUDA graph must
+            # capture the casts so that it reads the current weights at every replay.
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def train_step(self, messages: list[ServerMessage]) -> float:
@@ -65,9 +73,17 @@ class ServerParty:
         with self._autocast():
             return self.model(x, t, class_labels=t_c).sample
 
+    def denoiser(self, max_batch: int) -> Forward:
+        """The forward that sampling calls: eager, or replayed CUDA graphs (`cuda_graphs`)."""
+        if not self.cuda_graphs:
+            return self.eps
+        if max_batch not in self._graphed:
+            self._graphed[max_batch] = GraphedForward(self.eps, self.image_shape, max_batch, self.device)
+        return self._graphed[max_batch]
+
     def sampler(self, max_batch: int) -> BatchedSampler:
         self.model.eval()
-        return BatchedSampler(self.eps, self.schedule, self.image_shape, max_batch, self.device)
+        return BatchedSampler(self.denoiser(max_batch), self.schedule, self.image_shape, max_batch, self.device)
 
     def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig, first_row: int = 0) -> SampleJob:
         """The server's part of a generation: x_T ~ N(0, I) from the seed, down to x_{t_c}."""

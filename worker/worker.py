@@ -42,7 +42,8 @@ class Worker(Stoppable):
         self.shape = (config.channels, config.image_size, config.image_size)
         self.device = resolve_device(config.device)
         self.party = ServerParty(
-            self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train_config, self.device, config.bf16, seed=seed
+            self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train_config, self.device, config.bf16, seed=seed,
+            cuda_graphs=config.cuda_graphs,
         )
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)

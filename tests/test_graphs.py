@@ -1,0 +1,49 @@
+"""CUDA graphs of the server's denoising forward: buckets, refusal off CUDA, and (on a GPU) the same
+ε̂ as the eager forward, following the weights as they change."""
+
+import subprocess
+
+import pytest
+import torch
+
+from collafuse.core.graphs import buckets
+from collafuse.tools.launch import cli
+from collafuse.worker.party import ServerParty
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_buckets_cover_every_pool_size_without_doubling_a_full_pool():
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert buckets(1) == [1]
+    for max_batch in (1, 5, 48, 64):
+        assert all(any(b >= n for b in buckets(max_batch)) for n in range(1, max_batch + 1))
+
+
+def test_cuda_graphs_off_cuda_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        ServerParty((1, 16, 16), "tiny", device="cpu", cuda_graphs=True)
+    proc = subprocess.run(cli("worker", "--broker", "tcp://127.0.0.1:9", "--device", "cpu", "--cuda-graphs"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "CUDA graphs need a CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_graphed_forward_equals_eager_and_follows_the_weights(bf16):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    party = ServerParty((1, 32, 32), "tiny", device="cuda", autocast_bf16=bf16, cuda_graphs=True)
+    party.model.eval()
+    graphed = party.denoiser(8)
+    tol = 3e-2 if bf16 else 1e-4
+    with torch.no_grad():
+        for n in (1, 3, 8):
+            x = torch.randn(n, 1, 32, 32, device="cuda")
+            t = torch.randint(41, 101, (n,), device="cuda")
+            tc = torch.full((n,), 40, device="cuda")
+            assert torch.allclose(graphed(x, t, tc).float(), party.eps(x, t, tc).float(), atol=tol, rtol=tol)
+        for p in party.model.parameters():
+            p.mul_(0.5)  # as an optimiser step or relayed weights would change them, in place
+        assert torch.allclose(graphed(x, t, tc).float(), party.eps(x, t, tc).float(), atol=tol, rtol=tol)
