@@ -6,6 +6,7 @@ Heavy modules are imported inside each command, so `collafuse broker` never impo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -343,16 +344,24 @@ def sweep(
     server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
     device: str = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda:N'."),
     seed: int = typer.Option(0, "--seed", help="Seed for data and training."),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="Only train and generate (with --in-process), packing each finished run into this folder for evaluation elsewhere: python -m collafuse.tools.runpack PACKS --out OUT, then this command without --pack."),
 ) -> None:
     """The paper's experiment across cut ratios: KID, disclosure and local energy; resumable."""
     from collafuse.evaluation.kid import EvaluationError
-    from collafuse.tools.sweep import SweepConfig, run_sweep
+    from collafuse.tools.sweep import SweepConfig, pack_runs, run_sweep
 
     cfg = SweepConfig(out=out, cut_ratios=parse_ratios(cut_ratios), clients=clients, steps=steps, batch_size=batch_size,
                       image_size=image_size, samples=samples, real_images=real_images, in_process=in_process, client_model=client_model,
                       server_model=server_model, device=device, seed=seed)
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
     try:
-        run_sweep(cfg, say=lambda line: typer.echo(line, err=True))
+        if pack is not None:
+            pack_runs(cfg, pack, say)
+            typer.echo(f"packed runs in {pack}")
+            return
+        run_sweep(cfg, say)
     except (EvaluationError, ValueError, RuntimeError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'figure.png'}")

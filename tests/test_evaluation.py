@@ -141,20 +141,21 @@ def test_sweep_through_the_real_system_measures_node_and_worker_energy(tmp_path)
     assert server["phases"]["server_training"]["seconds"] > 0 and server["stats"]["train_steps"] > 0
 
 
-def test_gpu_sweep_runs_travel_packed_and_are_evaluated_from_disk(tmp_path):
-    """generate + pack (the GPU machine's half), unpack + sweep (the evaluation here): the sweep
+def test_packed_runs_travel_and_are_evaluated_from_disk(tmp_path):
+    """`sweep --pack` (the GPU machine's half) then runpack + `sweep` (the evaluation here): the sweep
     evaluates the restored run instead of training again, and the images survive within 1/255."""
     from safetensors.torch import load_file
 
-    common = ["--cut-ratios", "0.6", "--clients", "2", "--steps", "2", "--batch-size", "4", "--samples", "4", "--image-size", "32"]
+    sweep = [sys.executable, "-m", "collafuse.cli", "sweep", "--in-process", "--cut-ratios", "0.6", "--clients", "2", "--steps", "2",
+             "--batch-size", "4", "--samples", "4", "--real-images", "8", "--device", "cpu"]
     env = {**os.environ, "CODECARBON_LOG_LEVEL": "error"}
-    gen = subprocess.run([sys.executable, "-m", "collafuse.tools.gpu_sweep", "generate", "--out", str(tmp_path / "gpu"), "--pack",
-                          str(tmp_path / "packs"), "--client-model", "tiny", "--server-model", "tiny", "--device", "cpu", *common],
+    gen = subprocess.run([*sweep, "--out", str(tmp_path / "gpu"), "--pack", str(tmp_path / "packs")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert gen.returncode == 0, gen.stderr
     assert [p.name for p in (tmp_path / "packs").iterdir()] == ["c0.60.safetensors"]
+    assert not (tmp_path / "gpu" / "c0.60" / "evaluation.json").exists()  # nothing evaluated there
     here = tmp_path / "here"
-    unpack = subprocess.run([sys.executable, "-m", "collafuse.tools.gpu_sweep", "unpack", str(tmp_path / "packs"), "--out", str(here)],
+    unpack = subprocess.run([sys.executable, "-m", "collafuse.tools.runpack", str(tmp_path / "packs"), "--out", str(here)],
                             capture_output=True, text=True, timeout=120)
     assert unpack.returncode == 0, unpack.stderr
     original, restored = load_file(str(tmp_path / "gpu" / "c0.60" / "samples.safetensors")), load_file(str(here / "c0.60" / "samples.safetensors"))
@@ -162,8 +163,13 @@ def test_gpu_sweep_runs_travel_packed_and_are_evaluated_from_disk(tmp_path):
     for k in original:
         assert (original[k].clamp(-1, 1) - restored[k]).abs().max() <= 1 / 255 + 1e-6
     assert json.loads((here / "c0.60" / "metrics.json").read_text()) == json.loads((tmp_path / "gpu" / "c0.60" / "metrics.json").read_text())
-    evaluate = subprocess.run([sys.executable, "-m", "collafuse.cli", "sweep", "--out", str(here), "--in-process", "--real-images", "8",
-                               "--device", "cpu", *common], capture_output=True, text=True, timeout=600, env=env)
+    evaluate = subprocess.run([*sweep, "--out", str(here)], capture_output=True, text=True, timeout=600, env=env)
     assert evaluate.returncode == 0, evaluate.stderr
     assert "c=0.60: training and generation on disk" in evaluate.stderr and "[simulate]" not in evaluate.stderr
     assert len(json.loads((here / "c0.60" / "evaluation.json").read_text())) == 2
+
+
+def test_pack_needs_the_in_process_layout(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "collafuse.cli", "sweep", "--out", str(tmp_path / "s"), "--pack", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--pack needs --in-process" in proc.stderr and "Traceback" not in proc.stderr

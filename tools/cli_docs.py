@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH, GPU_SWEEP = "collafuse.tools.bench", "collafuse.tools.gpu_sweep"
+BENCH, RUNPACK = "collafuse.tools.bench", "collafuse.tools.runpack"
 
 # (heading, commands shown under it); a command is a console script or a module run with -m.
 PAGES: list[tuple[str, list[list[str]]]] = [
@@ -21,7 +21,7 @@ PAGES: list[tuple[str, list[list[str]]]] = [
     ("`collafuse-node`", [["collafuse-node"]]),
     *((f"`collafuse-node {c}`", [["collafuse-node", c]]) for c in ("join", "generate")),
     (f"`python -m {BENCH}`", [["-m", BENCH], *(["-m", BENCH, c] for c in ("raw", "sampler", "train", "system", "broker", "cpu"))]),
-    (f"`python -m {GPU_SWEEP}`", [["-m", GPU_SWEEP], *(["-m", GPU_SWEEP, c] for c in ("generate", "unpack"))]),
+    (f"`python -m {RUNPACK}`", [["-m", RUNPACK]]),
 ]
 
 

@@ -7,7 +7,8 @@ system: broker, worker and nodes as processes), then measure per client
   clean images; and its one-shot reconstruction of x₀) and what it *produced* at t_c for that
   client's generations, each against the client's real images by pixel MSE and KID;
 - energy: the client's local share (training and denoising) and the server's, in kWh (in-process).
-A cut ratio whose `evaluation.json` exists is not recomputed.
+A cut ratio whose `evaluation.json` exists is not recomputed. With `--pack` the sweep only trains
+and generates, and packs each run to be evaluated on another machine (tools/runpack.py).
 """
 
 from __future__ import annotations
@@ -206,6 +207,18 @@ def _real_features(cfg: SweepConfig, features: InceptionFeatures, data) -> dict:
     feats = {"client": [features(x) for x in data.clients], "holdout": features(data.holdout)}
     np.savez(path, key=key, holdout=feats["holdout"], **{f"client{i}": f for i, f in enumerate(feats["client"])})
     return feats
+
+
+def pack_runs(cfg: SweepConfig, dest: Path, say: Callable[[str], None] = print) -> None:
+    """Train and generate only (no evaluation, no Inception weights), packing each finished run
+    into `dest` at once, so that a run stopped midway still leaves the cut ratios it finished."""
+    from collafuse.tools.runpack import pack
+
+    if not cfg.in_process:
+        raise ValueError("--pack needs --in-process (a networked run keeps its images in each node's folder)")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for c in cfg.cut_ratios:
+        say(f"[sweep] packed {pack(ensure_run(cfg, c, say), dest)}")
 
 
 def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> list[dict]:
