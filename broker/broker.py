@@ -90,7 +90,7 @@ class Broker(Stoppable):
         self.jobs: dict[tuple[str, str], Job] = {}
         self.turns: deque[tuple[str, str]] = deque()  # (client, kind) with queued jobs, round robin
         self.trainer: bytes | None = None
-        self.weights: list[zmq.Frame] | None = None  # latest weights from the trainer, relayed to others
+        self.weights: list[list[zmq.Frame]] = []  # the latest weights' parts from the trainer, relayed to others
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
         self.started = time.monotonic()
@@ -260,7 +260,9 @@ class Broker(Stoppable):
         elif kind in ("ack", "result", "error"):
             self.on_reply(worker, env, frames)
         elif kind == "weights" and route == self.trainer and len(frames) == 2:
-            self.weights = frames
+            if env["part"] == 0:
+                self.weights = []
+            self.weights.append(frames)
             for other in self.workers.values():
                 if other.route != route:
                     self.backend.send_multipart([other.route, *frames], copy=False)
@@ -282,8 +284,9 @@ class Broker(Stoppable):
         self.workers[route] = worker
         if worker.trainer and self.trainer is None:
             self.trainer = route
-        elif self.weights is not None:
-            self.backend.send_multipart([route, *self.weights], copy=False)
+        else:
+            for part in self.weights:  # the latest version's parts, in order
+                self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")
 
     def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
@@ -368,7 +371,7 @@ class Broker(Stoppable):
             "queued": sum(c.queued() for c in self.clients.values()),
             "in_flight": sum(len(w.jobs) for w in self.workers.values()),
             "forwarded": self.forwarded,
-            "weights_relayed": self.weights is not None,
+            "weights_relayed": bool(self.weights),
             "workers": [
                 {
                     "name": w.name,

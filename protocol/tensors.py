@@ -43,6 +43,24 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
     return struct.pack("<Q", len(raw)) + raw + b"".join(parts)
 
 
+def split(arrays: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Arrays grouped in order so that each group's encoded frame stays within max_bytes (a model's
+    weights can be far larger than one frame may be). Raises ValueError for an array that alone
+    does not fit."""
+    groups: list[dict[str, np.ndarray]] = [{}]
+    size = 8
+    for name, arr in arrays.items():
+        need = arr.nbytes + len(name) + 128  # data plus its header entry, generously
+        if need + 8 > max_bytes:
+            raise ValueError(f"tensor {name!r} ({arr.nbytes} bytes) does not fit in a frame of {max_bytes} bytes")
+        if groups[-1] and size + need > max_bytes:
+            groups.append({})
+            size = 8
+        groups[-1][name] = arr
+        size += need
+    return groups
+
+
 def read_header(blob: memoryview | bytes, max_bytes: int) -> tuple[dict, int]:
     """(header, data start) after checking the framing; nothing proportional to claims is allocated."""
     size = len(blob)

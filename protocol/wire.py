@@ -130,7 +130,7 @@ FIELDS: dict[str, dict[str, Check]] = {
         "levels": _int(lambda _: 1, lambda _: 10_000),
         "model": _str(32),
     },
-    "weights": {"version": COUNT},
+    "weights": {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)},
     "bye": {},
 }
 
@@ -139,7 +139,6 @@ TENSORS: dict[str, Callable[[dict, tuple[int, int, int]], dict[str, tuple[str, t
     "train": lambda env, shape: {"x_t": ("F32", (env["rows"], *shape)), "t": ("I64", (env["rows"],)), "eps": ("F32", (env["rows"], *shape))},
     "result": lambda env, shape: {"x": ("F32", (env["count"], *shape))},
 }
-CARRIES_ANY_TENSORS = {"weights"}
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:

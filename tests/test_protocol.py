@@ -112,3 +112,13 @@ def test_broker_side_needs_no_torch():
 
     code = "import sys; import collafuse.broker.broker, collafuse.protocol.tensors, collafuse.cli; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_split_keeps_every_array_in_order_within_the_frame_limit():
+    arrays = {f"w{i}": np.full((i + 1, 10), i, dtype=np.float32) for i in range(20)}
+    groups = tensors.split(arrays, 4096)
+    assert len(groups) > 1
+    assert [k for g in groups for k in g] == list(arrays)
+    assert all(len(tensors.encode(g)) <= 4096 for g in groups)
+    with pytest.raises(ValueError, match="does not fit"):
+        tensors.split({"big": np.zeros(2000, np.float32)}, 4096)

@@ -288,24 +288,29 @@ def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weigh
 
 
 def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
-    """The trainer publishes every --sync-every steps; the broker relays to the other worker."""
-    front, back = start_broker(fleet)
+    """The trainer publishes every --sync-every steps; the broker relays to the other worker. The
+    frame limit is set below the model's size (1.2 MB), so the weights must travel in parts."""
+    small = ("--max-frame-bytes", "262144")
+    front, back = start_broker(fleet, *small)
     start_worker(fleet, back, front, "trainer", "--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2",
-                 "--checkpoint", str(tmp_path / "trainer.safetensors"))
-    start_worker(fleet, back, front, "denoiser", "--no-train", "--checkpoint", str(tmp_path / "denoiser.safetensors"), "--seed", "7")
+                 "--checkpoint", str(tmp_path / "trainer.safetensors"), *small)
+    start_worker(fleet, back, front, "denoiser", "--no-train", "--checkpoint", str(tmp_path / "denoiser.safetensors"), "--seed", "7", *small)
     fleet.start("n0", node("join", "--broker", front, "--name", "n0", "--shards", "1", "--steps", "8", "--batch-size", "4",
                            "--lockstep", "--window", "1", "--state", str(tmp_path / "n0"), "--device", "cpu"))
     assert fleet.wait("n0", 300) == 0, fleet.tail("n0")
     time.sleep(1.0)  # the last relay
-    assert fleet.stop("trainer") == 0 and fleet.stop("denoiser") == 0
+    # a worker that joins now gets the latest version's parts from the broker
+    start_worker(fleet, back, front, "late", "--no-train", "--checkpoint", str(tmp_path / "late.safetensors"), "--seed", "9", *small)
+    time.sleep(1.0)
+    assert fleet.stop("trainer") == 0 and fleet.stop("denoiser") == 0 and fleet.stop("late") == 0
 
     def weights(path):
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["collafuse"])["metadata"]["step"], {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
 
-    (s_t, w_t), (s_d, w_d) = weights(tmp_path / "trainer.safetensors"), weights(tmp_path / "denoiser.safetensors")
-    assert s_t == s_d == 8
-    assert all(torch.equal(w_t[k], w_d[k]) for k in w_t)  # the denoiser started from other weights (seed 7)
+    (s_t, w_t), (s_d, w_d), (s_l, w_l) = (weights(tmp_path / f"{n}.safetensors") for n in ("trainer", "denoiser", "late"))
+    assert s_t == s_d == s_l == 8
+    assert all(torch.equal(w_t[k], w_d[k]) and torch.equal(w_t[k], w_l[k]) for k in w_t)  # both started from other weights
 
 
 def test_up_starts_and_stops_the_server_side(tmp_path):

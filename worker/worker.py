@@ -59,6 +59,10 @@ class Worker(Stoppable):
         self.stopping = False
         self.last_heard = self.next_heartbeat = 0.0
         self.last_checkpoint_step = self.party.step
+        # The weights travel in parts that each fit a frame; fixed by the model, so checked at start.
+        self.weight_parts = [list(group) for group in tensors.split(self._state_arrays(), self.limits.max_frame_bytes)]
+        self.incoming: dict[str, np.ndarray] = {}  # parts of the trainer's weights received so far
+        self.incoming_version = -1
         self.energy = PhaseEnergy()
         self.stats = {"train_steps": 0, "train_rows": 0, "denoise_iterations": 0, "denoise_rows": 0, "jobs": 0}
 
@@ -228,19 +232,35 @@ class Worker(Stoppable):
         self.send(wire.encode("result", job=env["job"], client=env["client"], count=env["count"]), blob)
         self.stats["jobs"] += 1
 
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
+
     def publish_weights(self) -> None:
-        state = {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
-        self.send(wire.encode("weights", version=self.party.step), tensors.encode(state))
+        """The model's state as `weights` parts that each fit a frame; the broker relays them in order."""
+        state = self._state_arrays()
+        for i, names in enumerate(self.weight_parts):
+            self.send(wire.encode("weights", version=self.party.step, part=i, parts=len(self.weight_parts)),
+                      tensors.encode({k: state[k] for k in names}))
 
     def on_weights(self, env: dict, blob: zmq.Frame) -> None:
+        """Collect one version's parts and load the whole state after the last (a new version or a
+        part 0 starts over, so a version cut short by a trainer's failure is never half-loaded)."""
+        if env["part"] >= env["parts"]:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"weights: part {env['part']} of {env['parts']}")
+        if env["part"] == 0 or env["version"] != self.incoming_version:
+            self.incoming, self.incoming_version = {}, env["version"]
         arrays = tensors.decode(blob.buffer, None, self.limits.max_frame_bytes)
+        self.incoming.update({k: v.copy() for k, v in arrays.items()})  # copies: the frame is released after this
+        if env["part"] < env["parts"] - 1:
+            return
+        arrays, self.incoming = self.incoming, {}
         current = self.party.model.state_dict()
         if set(arrays) != set(current) or any(tuple(arrays[k].shape) != tuple(current[k].shape) for k in current):
-            log.error("ignoring weights that do not fit this worker's model")
+            log.error("ignoring weights version %d: incomplete, or not this worker's model", env["version"])
             return
-        self.party.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        self.party.model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
         self.party.step = env["version"]
-        log.info("loaded weights version %d from the trainer", env["version"])
+        log.info("loaded weights version %d from the trainer (%d parts)", env["version"], env["parts"])
 
     def checkpoint(self) -> None:
         save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model})
