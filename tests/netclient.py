@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import msgpack
+import numpy as np
 import zmq
 
 from collafuse.config import ProtocolLimits
-from collafuse.protocol import wire
+from collafuse.protocol import tensors, wire
 
 
 class RawClient:
@@ -40,10 +41,6 @@ class RawClient:
 
     def train(self, job: str, rows: int = 4, t_c: int = 60, seed: int = 0) -> None:
         """A valid server-training job: x_t, t in (t_c, T], eps (random values of the right shapes)."""
-        import numpy as np
-
-        from collafuse.protocol import tensors
-
         rng = np.random.default_rng(seed)
         blob = tensors.encode({"x_t": rng.standard_normal((rows, *self.shape), dtype=np.float32),
                                "t": rng.integers(t_c + 1, 101, rows).astype(np.int64),
