@@ -152,7 +152,9 @@ def worker(
     checkpoint: str = typer.Option("", "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CUDA."),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only)."),
+    cuda_graphs: Optional[bool] = typer.Option(
+        None, "--cuda-graphs/--no-cuda-graphs", show_default="on for CUDA devices",
+        help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
     energy_report: str = typer.Option("", "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
     heartbeat_interval: float = HB_INTERVAL,

@@ -172,7 +172,7 @@ class WorkerConfig:
     checkpoint: str = ""  # path of the server checkpoint ('' = none)
     checkpoint_every: int = 100  # optimiser steps
     bf16: bool = False
-    cuda_graphs: bool = False  # replay the denoising forward as CUDA graphs (CUDA only)
+    cuda_graphs: bool | None = None  # replay the denoising forward as CUDA graphs; None: on when the device is CUDA
     energy_report: str = ""  # where to write the worker's energy per phase at shutdown ('' = nowhere)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     train_config: TrainConfig = field(default_factory=TrainConfig)

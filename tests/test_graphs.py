@@ -47,3 +47,21 @@ def test_graphed_forward_equals_eager_and_follows_the_weights(bf16):
         for p in party.model.parameters():
             p.mul_(0.5)  # as an optimiser step or relayed weights would change them, in place
         assert torch.allclose(graphed(x, t, tc).float(), party.eps(x, t, tc).float(), atol=tol, rtol=tol)
+
+
+@needs_cuda
+def test_graphed_denoising_follows_the_trainers_optimiser_steps():
+    """A trainer worker denoises with graphs between Adam steps: every replay sees the new weights."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    from collafuse.core.split import ServerMessage
+
+    party = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
+    graphed = party.denoiser(8)
+    x, t, tc = torch.randn(5, 1, 32, 32, device="cuda"), torch.randint(41, 101, (5,), device="cuda"), torch.full((5,), 40, device="cuda")
+    before = graphed(x, t, tc).clone()
+    for _ in range(3):
+        party.train_step([ServerMessage(torch.randn(16, 1, 32, 32), torch.randint(41, 101, (16,)), torch.full((16,), 40), torch.randn(16, 1, 32, 32))])
+        party.model.eval()
+        with torch.no_grad():
+            assert torch.allclose(graphed(x, t, tc), party.eps(x, t, tc), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(graphed(x, t, tc), before, atol=1e-3)  # the steps changed the output

@@ -134,7 +134,7 @@ def system(
         fleet = Fleet(logs / f"b{batch}")
         try:
             args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch)]
-            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + (["--cuda-graphs"] if cuda_graphs else []), None)
+            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"], None)
             run_load(LoadConfig(broker=front, clients=n_clients, duration=3, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=60), say=lambda _: None)
             return run_load(LoadConfig(broker=front, clients=n_clients, duration=duration, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=120), say=lambda _: None)
         finally:

@@ -1,5 +1,6 @@
 # Sourced by the device scripts: install the project and the wheels that the lent machine lacks
-# (.whl/: diffusers, pyzmq, importlib_metadata, nilearn, nibabel, codecarbon, pycountry, rapidfuzz),
+# (.whl/: diffusers, pyzmq, importlib_metadata, nilearn, nibabel, codecarbon, pycountry, rapidfuzz;
+# pytest, pluggy, iniconfig, packaging, pygments for gpu_tests.sh),
 # log to $OUT/$LOG, and leave the repository so that its collafuse/ folder does not shadow the package.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}

@@ -43,7 +43,7 @@ class Worker(Stoppable):
         self.device = resolve_device(config.device)
         self.party = ServerParty(
             self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train_config, self.device, config.bf16, seed=seed,
-            cuda_graphs=config.cuda_graphs,
+            cuda_graphs=self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs,
         )
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
@@ -90,7 +90,8 @@ class Worker(Stoppable):
             )
         )
         self.last_heard = time.monotonic()
-        log.info("connected to %s as %s", self.config.broker, self.config.name)
+        log.info("connected to %s as %s (%s, denoising %s)", self.config.broker, self.config.name, self.device,
+                 "with CUDA graphs" if self.party.cuda_graphs else "eager")
 
     def send(self, *frames: bytes) -> None:
         assert self.sock is not None

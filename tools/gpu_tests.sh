@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (device tool): the tests that skip without CUDA, then a networked mixed load
+# (training and denoising at once) against a trainer worker on the GPU with its default settings
+# (CUDA graphs on). Writes $OUT/gpu_tests.log, $OUT/mixed.json and the broker's and worker's logs.
+LOG=gpu_tests.log
+source "$(dirname "$0")/gpu_env.sh"
+cp -r "$REPO/tests" /tmp/tests  # run from outside the checkout, whose collafuse/ folder would shadow the package
+python3 -m pytest -q -p no:cacheprovider -rs /tmp/tests/test_graphs.py
+C="python3 -m collafuse.cli -v"
+$C broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556 > "$OUT/broker.log" 2>&1 &
+BROKER=$!
+$C worker --broker tcp://127.0.0.1:5556 --device cuda --model paper --image-size 128 --bf16 --sync-every 5 > "$OUT/worker.log" 2>&1 &
+WORKER=$!
+for _ in $(seq 120); do $C status --broker tcp://127.0.0.1:5555 | grep -q "workers (1)" && break; sleep 1; done
+python3 -m collafuse.cli loadtest --broker tcp://127.0.0.1:5555 --image-size 128 --mode mixed --clients 64 --rows 4 \
+  --duration 20 --ddim-steps 100 --json "$OUT/mixed.json"
+python3 -m collafuse.cli status --broker tcp://127.0.0.1:5555
+kill -INT $WORKER; wait $WORKER; kill -INT $BROKER; wait $BROKER
+grep -c "optimiser\|step" "$OUT/worker.log"; tail -5 "$OUT/worker.log"
+echo done
