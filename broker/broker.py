@@ -70,6 +70,10 @@ class WorkerState:
     completed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # the worker's own counters, from its heartbeats
 
+    def wants(self, relayed: str) -> bool:
+        """Every worker needs the trainer's weights; only one that may take over training its moments."""
+        return relayed == "weights" or self.trainer
+
 
 class Broker(Stoppable):
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
@@ -90,7 +94,7 @@ class Broker(Stoppable):
         self.jobs: dict[tuple[str, str], Job] = {}
         self.turns: deque[tuple[str, str]] = deque()  # (client, kind) with queued jobs, round robin
         self.trainer: bytes | None = None
-        self.weights: list[list[zmq.Frame]] = []  # the latest weights' parts from the trainer, relayed to others
+        self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
         self.started = time.monotonic()
@@ -259,12 +263,12 @@ class Broker(Stoppable):
                 worker.stats = env["stats"]
         elif kind in ("ack", "result", "error"):
             self.on_reply(worker, env, frames)
-        elif kind == "weights" and route == self.trainer and len(frames) == 2:
+        elif kind in wire.RELAYED and route == self.trainer and len(frames) == 2:
             if env["part"] == 0:
-                self.weights = []
-            self.weights.append(frames)
+                self.relayed[kind] = []
+            self.relayed[kind].append(frames)
             for other in self.workers.values():
-                if other.route != route:
+                if other.route != route and other.wants(kind):
                     self.backend.send_multipart([other.route, *frames], copy=False)
         elif kind == "bye":
             self.remove_worker(worker, "said bye")
@@ -285,8 +289,9 @@ class Broker(Stoppable):
         if worker.trainer and self.trainer is None:
             self.trainer = route
         else:
-            for part in self.weights:  # the latest version's parts, in order
-                self.backend.send_multipart([route, *part], copy=False)
+            for kind in wire.RELAYED:  # the latest version's parts, in order, weights first
+                for part in self.relayed[kind] if worker.wants(kind) else []:
+                    self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")
 
     def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
@@ -371,7 +376,7 @@ class Broker(Stoppable):
             "queued": sum(c.queued() for c in self.clients.values()),
             "in_flight": sum(len(w.jobs) for w in self.workers.values()),
             "forwarded": self.forwarded,
-            "weights_relayed": bool(self.weights),
+            "weights_relayed": bool(self.relayed["weights"]),
             "workers": [
                 {
                     "name": w.name,

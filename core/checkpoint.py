@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The per-parameter state as named CPU tensors (`optim.<param index>.<key>`, e.g. Adam's
+    moments), and the rest (non-tensor entries, param groups) for JSON metadata."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -40,7 +42,7 @@ def save_checkpoint(
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"metadata": metadata or {}}
     if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        opt_tensors, opt_meta = flatten_optimizer(optimizer)
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
     tmp = path.with_name(path.name + ".tmp")
@@ -66,13 +68,16 @@ def load_checkpoint(
         model.load_state_dict({k[len("model."):]: f.get_tensor(k) for k in keys if k.startswith("model.")})
         if optimizer is not None and "optimizer" in meta:
             opt_meta = meta["optimizer"]
-            state: dict[int, dict[str, Any]] = {}
-            for k in keys:
-                if k.startswith("optim."):
-                    _, pid, name = k.split(".", 2)
-                    state.setdefault(int(pid), {})[name] = f.get_tensor(k)
-            for k, v in opt_meta["scalars"].items():
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
-            optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+            tensors = {k: f.get_tensor(k) for k in keys if k.startswith("optim.")}
+            load_optimizer(optimizer, {**tensors, **opt_meta["scalars"]}, opt_meta["param_groups"])
     return meta.get("metadata", {})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, entries: Mapping[str, Any], param_groups: list[dict] | None = None) -> None:
+    """The inverse of flatten_optimizer; without param_groups the optimiser keeps its own (learning rate)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in entries.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    groups = param_groups if param_groups is not None else optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

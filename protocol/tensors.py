@@ -28,7 +28,7 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
     offset = 0
     parts = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.require(arr, requirements="C")  # (np.ascontiguousarray would make a scalar 1-d)
         dtype = _NAMES.get(arr.dtype)
         if dtype is None:
             raise ValueError(f"unsupported dtype {arr.dtype} for tensor {name}")

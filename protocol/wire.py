@@ -94,6 +94,10 @@ ROWS = _int(lambda _: 1, lambda lim: lim.max_rows)
 SERVER_CUT = _int(lambda _: 0, lambda lim: lim.levels - 1)  # the server only serves clients with t_c < T
 JOB, CLIENT = _str(128), _str(64)
 COUNT = _int(lambda _: 0, lambda _: 2**62)
+# The trainer's state in parts that each fit a frame: `weights` to every other worker, `moments`
+# (optimiser state) to those that may take over training.
+RELAYED = ("weights", "moments")
+RELAY_FIELDS = {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)}
 
 # type → {field: check}. Every type also carries v and type.
 FIELDS: dict[str, dict[str, Check]] = {
@@ -130,7 +134,8 @@ FIELDS: dict[str, dict[str, Check]] = {
         "levels": _int(lambda _: 1, lambda _: 10_000),
         "model": _str(32),
     },
-    "weights": {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)},
+    "weights": RELAY_FIELDS,
+    "moments": RELAY_FIELDS,
     "bye": {},
 }
 

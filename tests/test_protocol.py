@@ -34,6 +34,9 @@ def test_tensor_frames_are_real_safetensors_both_ways():
     assert loaded["t"].tolist() == [70, 70] and loaded["eps"].shape == (2, *SHAPE)
     ours = tensors.decode(st_save({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}), None, LIM.max_frame_bytes)
     assert ours["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    scalar = tensors.encode({"step": np.array(4.0, np.float32), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T})
+    assert st_load(scalar)["step"].shape == () and tensors.decode(scalar, None, LIM.max_frame_bytes)["step"].shape == ()
+    assert tensors.decode(scalar, None, LIM.max_frame_bytes)["w"].tolist() == [[0, 3], [1, 4], [2, 5]]  # a transposed view, made contiguous
 
 
 def test_valid_train_message_passes():

@@ -258,13 +258,14 @@ def test_loadtest_reports_and_loses_nothing(tmp_path):
     assert set(result["latency_ms"]) == {"p50", "p95", "p99"}
 
 
-def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weights(fleet):
+def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weights(fleet, tmp_path):
     """Two --train workers: the first to register trains. It is frozen with jobs in hand and then
-    killed; the broker re-queues them to the other, which continues from the relayed weights."""
+    killed; the broker re-queues them to the other, which continues from the relayed weights and
+    optimiser moments."""
     front, back = start_broker(fleet)
     train_flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2")
     start_worker(fleet, back, front, "first", *train_flags)
-    start_worker(fleet, back, front, "second", *train_flags)
+    start_worker(fleet, back, front, "second", *train_flags, "--checkpoint", str(tmp_path / "second.safetensors"))
     assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["first"]
     client = RawClient(front, "c")
     client.hello()
@@ -285,16 +286,22 @@ def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weigh
     assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
     assert sorted(v[0]["step"] for v in got.values()) == [5, 6, 7, 8, 9, 10]  # continued from version 4
     assert [(w["name"], w["trainer"]) for w in _status(front)["workers"]] == [("second", True)]
+    assert fleet.stop("second") == 0
+    with safe_open(str(tmp_path / "second.safetensors"), framework="pt") as f:
+        adam_steps = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".step")}
+    assert adam_steps == {10.0}  # Adam continued the relayed moments of step 4 (afresh it would count 6)
 
 
 def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
-    """The trainer publishes every --sync-every steps; the broker relays to the other worker. The
-    frame limit is set below the model's size (1.2 MB), so the weights must travel in parts."""
+    """The trainer publishes every --sync-every steps; the broker relays the weights to the other
+    workers, and the optimiser's moments to the one that may train. The frame limit is set below
+    the model's size (1.2 MB), so both must travel in parts."""
     small = ("--max-frame-bytes", "262144")
     front, back = start_broker(fleet, *small)
     start_worker(fleet, back, front, "trainer", "--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2",
                  "--checkpoint", str(tmp_path / "trainer.safetensors"), *small)
     start_worker(fleet, back, front, "denoiser", "--no-train", "--checkpoint", str(tmp_path / "denoiser.safetensors"), "--seed", "7", *small)
+    start_worker(fleet, back, front, "standby", "--checkpoint", str(tmp_path / "standby.safetensors"), "--seed", "8", *small)
     fleet.start("n0", node("join", "--broker", front, "--name", "n0", "--shards", "1", "--steps", "8", "--batch-size", "4",
                            "--lockstep", "--window", "1", "--state", str(tmp_path / "n0"), "--device", "cpu"))
     assert fleet.wait("n0", 300) == 0, fleet.tail("n0")
@@ -302,15 +309,18 @@ def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
     # a worker that joins now gets the latest version's parts from the broker
     start_worker(fleet, back, front, "late", "--no-train", "--checkpoint", str(tmp_path / "late.safetensors"), "--seed", "9", *small)
     time.sleep(1.0)
-    assert fleet.stop("trainer") == 0 and fleet.stop("denoiser") == 0 and fleet.stop("late") == 0
+    assert all(fleet.stop(n) == 0 for n in ("trainer", "denoiser", "standby", "late"))
 
-    def weights(path):
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["collafuse"])["metadata"]["step"], {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    def saved(name, prefix):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["collafuse"])["metadata"]["step"], {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
-    (s_t, w_t), (s_d, w_d), (s_l, w_l) = (weights(tmp_path / f"{n}.safetensors") for n in ("trainer", "denoiser", "late"))
-    assert s_t == s_d == s_l == 8
-    assert all(torch.equal(w_t[k], w_d[k]) and torch.equal(w_t[k], w_l[k]) for k in w_t)  # both started from other weights
+    (s_t, w_t), (s_d, w_d), (s_l, w_l), (s_s, w_s) = (saved(n, "model.") for n in ("trainer", "denoiser", "late", "standby"))
+    assert s_t == s_d == s_l == s_s == 8
+    assert all(torch.equal(w_t[k], w_d[k]) and torch.equal(w_t[k], w_l[k]) and torch.equal(w_t[k], w_s[k]) for k in w_t)  # all started elsewhere
+    # the optimiser's moments go only to the worker that may take over training
+    (_, m_t), (_, m_s), (_, m_d) = (saved(n, "optim.") for n in ("trainer", "standby", "denoiser"))
+    assert m_t and m_d == {} and set(m_s) == set(m_t) and all(torch.equal(m_t[k], m_s[k]) for k in m_t)
 
 
 def test_up_starts_and_stops_the_server_side(tmp_path):

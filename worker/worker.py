@@ -4,8 +4,9 @@ Each loop: take every waiting message; merge waiting training rows into one opti
 enough have come or the first has waited long enough, and acknowledge each job after its step;
 run one continuous-batching denoising iteration and answer the jobs it finished. Credit is implicit:
 the broker counts the rows it gave and gets them back with each reply. The trainer publishes its
-weights every `sync_every` steps; the broker relays them to every other worker, which loads them
-between iterations. Heartbeats both ways; a broker silent for interval × liveness means reconnect
+weights (and its optimiser's moments) every `sync_every` steps; the broker relays them to every
+other worker (the moments to those that may take over training), which loads them between
+iterations. Heartbeats both ways; a broker silent for interval × liveness means reconnect
 (Paranoid Pirate), dropping work that the broker will have re-queued.
 """
 
@@ -22,7 +23,7 @@ import torch
 import zmq
 
 from collafuse.config import DiffusionConfig, SamplerConfig, WorkerConfig
-from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.core.checkpoint import flatten_optimizer, load_checkpoint, load_optimizer, save_checkpoint
 from collafuse.core.models import resolve_device
 from collafuse.core.sampler import SampleJob
 from collafuse.core.split import ServerMessage
@@ -33,6 +34,23 @@ from collafuse.protocol.wire import ErrorCode, ProtocolError
 from collafuse.worker.party import ServerParty
 
 log = logging.getLogger("collafuse.worker")
+
+
+def moments_problem(param_shapes: list[tuple[int, ...]], arrays: dict[str, np.ndarray]) -> str | None:
+    """Why relayed optimiser state does not fit these parameters (None: it fits): every parameter
+    needs the same keys, each tensor shaped like its parameter or a scalar (a step count)."""
+    keys: dict[int, set[str]] = {}
+    for name, arr in arrays.items():
+        prefix, _, rest = name.partition(".")
+        index, _, key = rest.partition(".")
+        if prefix != "optim" or not index.isdigit() or int(index) >= len(param_shapes) or not key:
+            return f"unexpected tensor {name!r}"
+        if arr.shape not in (param_shapes[int(index)], ()):
+            return f"{name!r} has shape {list(arr.shape)}, its parameter {list(param_shapes[int(index)])}"
+        keys.setdefault(int(index), set()).add(key)
+    if len(keys) != len(param_shapes) or len({frozenset(k) for k in keys.values()}) != 1:
+        return "not every parameter has the same state"
+    return None
 
 
 class Worker(Stoppable):
@@ -61,8 +79,7 @@ class Worker(Stoppable):
         self.last_checkpoint_step = self.party.step
         # The weights travel in parts that each fit a frame; fixed by the model, so checked at start.
         self.weight_parts = [list(group) for group in tensors.split(self._state_arrays(), self.limits.max_frame_bytes)]
-        self.incoming: dict[str, np.ndarray] = {}  # parts of the trainer's weights received so far
-        self.incoming_version = -1
+        self.incoming: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # relayed kind → (version, parts so far)
         self.energy = PhaseEnergy()
         self.stats = {"train_steps": 0, "train_rows": 0, "denoise_iterations": 0, "denoise_rows": 0, "jobs": 0}
 
@@ -148,8 +165,8 @@ class Worker(Stoppable):
                 self.on_train(env, frames)
             elif kind == "denoise":
                 self.on_denoise(env, frames)
-            elif kind == "weights" and len(frames) == 2:
-                self.on_weights(env, frames[1])
+            elif kind in wire.RELAYED and len(frames) == 2:
+                self.on_relayed(kind, env, frames[1])
             elif kind == "error" and env["code"] in (ErrorCode.NOT_JOINED, ErrorCode.INCOMPATIBLE):
                 if env["code"] == ErrorCode.INCOMPATIBLE:
                     log.error("broker refused this worker: %s", env["reason"])
@@ -237,31 +254,56 @@ class Worker(Stoppable):
         return {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
 
     def publish_weights(self) -> None:
-        """The model's state as `weights` parts that each fit a frame; the broker relays them in order."""
+        """The model's state as `weights` parts that each fit a frame, then the optimiser's as
+        `moments` parts (for workers that may take over training); the broker relays them in order."""
         state = self._state_arrays()
-        for i, names in enumerate(self.weight_parts):
-            self.send(wire.encode("weights", version=self.party.step, part=i, parts=len(self.weight_parts)),
-                      tensors.encode({k: state[k] for k in names}))
+        self._publish("weights", [{k: state[k] for k in names} for names in self.weight_parts])
+        moments = {k: v.float().numpy() for k, v in flatten_optimizer(self.party.optimizer)[0].items()}
+        if moments:
+            self._publish("moments", tensors.split(moments, self.limits.max_frame_bytes))
 
-    def on_weights(self, env: dict, blob: zmq.Frame) -> None:
-        """Collect one version's parts and load the whole state after the last (a new version or a
-        part 0 starts over, so a version cut short by a trainer's failure is never half-loaded)."""
+    def _publish(self, kind: str, parts: list[dict[str, np.ndarray]]) -> None:
+        for i, part in enumerate(parts):
+            self.send(wire.encode(kind, version=self.party.step, part=i, parts=len(parts)), tensors.encode(part))
+
+    def on_relayed(self, kind: str, env: dict, blob: zmq.Frame) -> None:
+        """Collect one version's parts of the trainer's weights or moments and load the whole after
+        the last (a new version or a part 0 starts over, so a version cut short by a trainer's
+        failure is never half-loaded)."""
         if env["part"] >= env["parts"]:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"weights: part {env['part']} of {env['parts']}")
-        if env["part"] == 0 or env["version"] != self.incoming_version:
-            self.incoming, self.incoming_version = {}, env["version"]
-        arrays = tensors.decode(blob.buffer, None, self.limits.max_frame_bytes)
-        self.incoming.update({k: v.copy() for k, v in arrays.items()})  # copies: the frame is released after this
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{kind}: part {env['part']} of {env['parts']}")
+        version, arrays = self.incoming.pop(kind, (-1, {}))
+        if env["part"] == 0 or env["version"] != version:
+            arrays = {}
+        decoded = tensors.decode(blob.buffer, None, self.limits.max_frame_bytes)
+        arrays.update({k: v.copy() for k, v in decoded.items()})  # copies: the frame is released after this
         if env["part"] < env["parts"] - 1:
-            return
-        arrays, self.incoming = self.incoming, {}
+            self.incoming[kind] = (env["version"], arrays)
+        elif kind == "weights":
+            self.load_weights(env["version"], arrays)
+        else:
+            self.load_moments(env["version"], arrays)
+
+    def load_weights(self, version: int, arrays: dict[str, np.ndarray]) -> None:
         current = self.party.model.state_dict()
         if set(arrays) != set(current) or any(tuple(arrays[k].shape) != tuple(current[k].shape) for k in current):
-            log.error("ignoring weights version %d: incomplete, or not this worker's model", env["version"])
+            log.error("ignoring weights version %d: incomplete, or not this worker's model", version)
             return
         self.party.model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-        self.party.step = env["version"]
-        log.info("loaded weights version %d from the trainer (%d parts)", env["version"], env["parts"])
+        self.party.step = version
+        log.info("loaded weights version %d from the trainer", version)
+
+    def load_moments(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+        """The trainer's optimiser state, so that this worker continues it if it takes over training."""
+        if version != self.party.step:
+            log.error("ignoring moments version %d: this worker's weights are at version %d", version, self.party.step)
+            return
+        problem = moments_problem([tuple(p.shape) for p in self.party.model.parameters()], arrays)
+        if problem:
+            log.error("ignoring moments version %d: %s", version, problem)
+            return
+        load_optimizer(self.party.optimizer, {k: torch.from_numpy(v) for k, v in arrays.items()})
+        log.info("loaded optimiser moments version %d from the trainer", version)
 
     def checkpoint(self) -> None:
         save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model})
