@@ -323,7 +323,9 @@ def loadtest(
     lat = result["latency_ms"]
     typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s: {result['completed_in_window']} jobs in the window "
                f"({result['jobs_per_s']} jobs/s, {result['image_steps_per_s']} image-steps/s), {result['completed']} with the drain")
-    typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  mean batch fill {result['mean_batch_fill']}")
+    fill = result["mean_batch_fill"]
+    typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  "
+               f"mean batch fill {'n/a (no denoising)' if fill is None else fill}")
     typer.echo(f"errors {result['errors'] or 'none'};  lost jobs {result['lost']}")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
