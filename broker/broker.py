@@ -289,8 +289,8 @@ class Broker(Stoppable):
         if worker.trainer and self.trainer is None:
             self.trainer = route
         else:
-            for kind in wire.RELAYED:  # the latest version's parts, in order, weights first
-                for part in self.relayed[kind] if worker.wants(kind) else []:
+            for kind in filter(worker.wants, wire.RELAYED):  # the latest version's parts, in order, weights first
+                for part in self.relayed[kind]:
                     self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")
 

@@ -16,5 +16,5 @@ python3 -m collafuse.cli loadtest --broker tcp://127.0.0.1:5555 --image-size 128
   --duration 20 --ddim-steps 100 --json "$OUT/mixed.json"
 python3 -m collafuse.cli status --broker tcp://127.0.0.1:5555
 kill -INT $WORKER; wait $WORKER; kill -INT $BROKER; wait $BROKER
-grep -c "optimiser\|step" "$OUT/worker.log"; tail -5 "$OUT/worker.log"
+grep -h "denoising with\|denoising eager\|stopped after\|ERROR\|Traceback" "$OUT/worker.log"
 echo done
