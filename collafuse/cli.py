@@ -61,6 +61,7 @@ def simulate(
     samples: int = typer.Option(16, help="Images generated per client at the end."),
     sampler: str = typer.Option("ancestral", help="'ancestral' (every level) or 'ddim'."),
     ddim_steps: int = typer.Option(20, help="Total DDIM steps over T..0, shared by the parties in proportion."),
+    cut_noise: str = typer.Option("keyed", help="'keyed': one secret ε₁ per image (each client's secret in OUT/secrets/); 'fresh': one per message, for comparison (the server gets a view per message)."),
     levels: int = typer.Option(100, help="T, the number of noise levels."),
     seed: int = typer.Option(0, help="Seed for data shards, augmentation and training."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
@@ -79,6 +80,7 @@ def simulate(
             server_model=server_model,
             samples_per_client=samples,
             device=device,
+            cut_noise=cut_noise,
             log_every=max(1, min(25, steps // 20 or 1)),
             data=DataConfig(spec=data, clients=clients, image_size=image_size, images_per_client=images_per_client, seed=seed),
             train=TrainConfig(learning_rate=lr, batch_size=batch_size),
@@ -335,28 +337,38 @@ def loadtest(
 
 @app.command()
 def sweep(
-    out: Path = typer.Option(..., "--out", help="Folder: one sub-folder per cut ratio, results.csv, results.md, figure.png."),
+    out: Path = typer.Option(..., "--out", help="Folder: MODE/seedS/cC run folders, results.csv, results.md, figure.png."),
     cut_ratios: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cut-ratios", help="Comma list of cut ratios."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma list of seeds (data augmentation and training); tables give mean ± std over them."),
+    cut_noise: str = typer.Option("keyed", "--cut-noise", help="Comma list of cut-noise modes to compare: keyed, fresh."),
     clients: int = typer.Option(3, "--clients", min=1, help="Clients per run."),
-    steps: int = typer.Option(600, "--steps", min=1, help="Training steps per cut ratio."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Training steps per run."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per client per step."),
     image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
     samples: int = typer.Option(64, "--samples", min=4, help="Images generated per client."),
     real_images: int = typer.Option(512, "--real-images", min=4, help="Real images per client for KID (half as many hold-out images)."),
-    in_process: bool = typer.Option(False, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes."),
+    nonmembers: int = typer.Option(1024, "--nonmembers", min=2, help="Hold-out images for the audit's membership inference."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes (needed for the privacy audit)."),
     client_model: str = typer.Option("tiny", "--client-model", help="Client U-Net preset."),
     server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
     device: str = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda:N'."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data and training."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Only train and generate (with --in-process), packing each finished run into this folder for evaluation elsewhere: python -m collafuse.tools.runpack PACKS --out OUT, then this command without --pack."),
 ) -> None:
-    """The paper's experiment across cut ratios: KID, disclosure and local energy; resumable."""
+    """The paper's experiment across cut ratios, seeds and cut-noise modes: KID, the privacy audit and local energy; resumable."""
     from collafuse.evaluation.kid import EvaluationError
     from collafuse.tools.sweep import SweepConfig, pack_runs, run_sweep
 
-    cfg = SweepConfig(out=out, cut_ratios=parse_ratios(cut_ratios), clients=clients, steps=steps, batch_size=batch_size,
-                      image_size=image_size, samples=samples, real_images=real_images, in_process=in_process, client_model=client_model,
-                      server_model=server_model, device=device, seed=seed)
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        fail(f"seeds must be whole numbers, got {seeds!r}")
+    modes = tuple(cut_noise.split(","))
+    if not set(modes) <= {"keyed", "fresh"}:
+        fail(f"cut-noise modes are keyed and fresh, got {cut_noise!r}")
+    cfg = SweepConfig(out=out, cut_ratios=parse_ratios(cut_ratios), seeds=seed_list, cut_noise=modes, clients=clients, steps=steps,
+                      batch_size=batch_size, image_size=image_size, samples=samples, real_images=real_images, nonmembers=nonmembers,
+                      in_process=in_process, client_model=client_model, server_model=server_model, device=device)
+
     def say(line: str) -> None:
         typer.echo(line, err=True)
 
@@ -369,6 +381,35 @@ def sweep(
     except (EvaluationError, ValueError, RuntimeError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'figure.png'}")
+
+
+@app.command()
+def audit(
+    run: Path = typer.Argument(..., help="A finished in-process run folder (`collafuse simulate --out RUN`, or one of a sweep's)."),
+    nonmembers: int = typer.Option(1024, "--nonmembers", min=2, help="Hold-out images for membership inference (1,000 or more allow TPR at 0.1 % FPR)."),
+) -> None:
+    """What an honest-but-curious server can learn from a run: reconstruction attacks on what it saw, membership inference on its model."""
+    from collafuse.evaluation.audit import AUDIT_FILE, audit_run
+
+    if not (run / "metrics.json").is_file():
+        fail(f"not a finished run folder (no metrics.json): {run}")
+    try:
+        report = audit_run(run, nonmembers, say=lambda line: typer.echo(line, err=True))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    typer.echo(f"{'client':<10}{'t_c':>4}  {'views':>6} {'images':>6}  {'attack':<10}{'MSE':>8} {'PSNR':>6} {'prior err removed':>18} {'re-id top-1':>12}")
+    for c in report["clients"]:
+        for attack in ("linear", "multiview"):
+            s = c[attack]
+            typer.echo(f"{c['client']:<10}{c['t_c']:>4}  {c['views']:>6} {c['images_sent']:>6}  {attack:<10}{s['mse']:>8.4f} {s['psnr']:>6.1f} "
+                       f"{s['prior_error_removed']:>18.3f} {s['reid_top1']:>12.3f}")
+    m = report["membership"]
+    if m and "loss" in m:
+        for kind in ("loss", "pia"):
+            tpr = {k: "n/a" if m[kind][k] is None else f"{m[kind][k]:.3f}" for k in ("tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")}
+            typer.echo(f"membership ({kind}): AUC {m[kind]['auc']:.3f}, TPR at 1% FPR {tpr['tpr_at_1pct_fpr']}, at 0.1% FPR {tpr['tpr_at_0.1pct_fpr']} "
+                       f"({m['members']} members, {m['nonmembers']} non-members)")
+    typer.echo(f"wrote {run / AUDIT_FILE}")
 
 
 if __name__ == "__main__":

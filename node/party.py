@@ -5,21 +5,38 @@ The same object serves the in-process simulation and `collafuse-node`, so both r
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from dataclasses import dataclass
+
 import torch
 
 from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.core.cutnoise import CutNoise, image_ids
 from collafuse.core.models import build_unet
 from collafuse.core.optim import apply_loss
-from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
-from collafuse.core.schedule import CosineSchedule
-from collafuse.core.split import ServerMessage, client_loss, make_server_message
+from collafuse.core.sampler import BatchedSampler, SampleJob
+from collafuse.core.schedule import Scheduler
+from collafuse.core.split import ServerMessage, client_loss, cut_image, server_message
 
 CLIENT_STREAM = 1  # the client's sampler noise, distinct from the server's (stream 0)
 
 
 def client_seed(seed: int, index: int) -> int:
-    """Client `index`'s seed (model init, batches, noising): the same in a node and in the simulation."""
+    """Client `index`'s seed (model init, batches, local noising, t and ε₂): the same in a node and
+    in the simulation. Never the source of ε₁ (core.cutnoise)."""
     return seed * 1000 + index + 1
+
+
+def _message_seed(seed: int) -> int:
+    """The seed of the generator that draws t and ε₂, apart from the local training's stream."""
+    return int.from_bytes(hashlib.sha256(b"collafuse/messages" + seed.to_bytes(8, "little")).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Batch:
+    index: torch.Tensor  # [B] int64: rows of the party's data
+    x0: torch.Tensor  # [B, C, H, W] on the party's device
 
 
 class ClientParty:
@@ -33,14 +50,21 @@ class ClientParty:
         train: TrainConfig = TrainConfig(),
         device: torch.device | str = "cpu",
         seed: int = 0,
+        cut_noise: CutNoise | None = None,
+        record_rows: bool = False,
     ) -> None:
         self.name, self.cut_ratio, self.train_config = name, cut_ratio, train
-        self.schedule = CosineSchedule(diffusion)
+        self.scheduler = Scheduler(diffusion)
         self.t_c = diffusion.cut_level(cut_ratio)
         self.device = torch.device(device)
         self.data = data
         self.image_shape: tuple[int, int, int] = tuple(data.shape[1:])  # type: ignore[assignment]
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # batches and local training
+        self.message_generator = torch.Generator().manual_seed(_message_seed(seed))  # t and ε₂
+        self.cut_noise = cut_noise
+        self.ids = image_ids(data) if self.uses_server and cut_noise is not None else []
+        self.rows_sent = 0  # message rows so far: the row number `fresh` cut noise mixes in
+        self.sent_rows: array | None = array("q") if record_rows else None  # data row of each message row, for the audit
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if self.has_local_model:
@@ -58,23 +82,32 @@ class ClientParty:
     @property
     def uses_server(self) -> bool:
         """c = 1 is purely local."""
-        return self.t_c < self.schedule.levels
+        return self.t_c < self.scheduler.levels
 
-    def batch(self) -> torch.Tensor:
+    def batch(self) -> Batch:
         index = torch.randint(0, self.data.shape[0], (self.train_config.batch_size,), generator=self.generator)
-        return self.data[index].to(self.device)
+        return Batch(index, self.data[index].to(self.device))
 
     def train_local(self, x0: torch.Tensor) -> float:
         """One optimiser step of the local model on levels 1..t_c."""
         assert self.model is not None and self.optimizer is not None
         self.model.train()
-        loss = client_loss(self.model, self.schedule, x0, self.t_c, self.generator)
+        loss = client_loss(self.model, self.scheduler, x0, self.t_c, self.generator)
         self.step += 1
         return apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
 
-    def server_message(self, x0: torch.Tensor) -> ServerMessage:
-        """The privacy-correct training message for the server (two-stage noising)."""
-        return make_server_message(self.schedule, x0.cpu(), self.t_c, self.generator)
+    def server_message(self, batch: Batch) -> ServerMessage:
+        """The privacy-correct training message for the server: x₀ → x_{t_c} with the secret cut
+        noise ε₁ (one per image), then x_{t_c} → x_t with ε₂ from the message generator."""
+        if self.cut_noise is None:
+            raise ValueError(f"client {self.name} talks to the server and needs its secret cut noise")
+        rows = batch.index.tolist()
+        eps1 = self.cut_noise([self.ids[i] for i in rows], range(self.rows_sent, self.rows_sent + len(rows)), self.image_shape)
+        x_tc = cut_image(self.scheduler, batch.x0.cpu(), self.t_c, eps1)
+        self.rows_sent += len(rows)
+        if self.sent_rows is not None:
+            self.sent_rows.extend(rows)
+        return server_message(self.scheduler, x_tc, self.t_c, self.message_generator)
 
     def finish_job(self, job_id: str, count: int, seed: int, sampler: SamplerConfig, x_tc: torch.Tensor | None) -> SampleJob:
         """The client's sampler job: from the server's x_{t_c} (or from noise at T when c = 1) to 0."""
@@ -83,7 +116,7 @@ class ClientParty:
             x_tc = None  # c = 1: the client samples alone from x_T
         elif x_tc is None:
             raise ValueError(f"client {self.name} with t_c = {self.t_c} needs the server's x_t_c to finish")
-        steps, eta = steps_and_eta(sampler, start, 0, self.schedule.levels)
+        steps, eta = self.scheduler.share(sampler, start, 0)
         return SampleJob(job_id, count, start, 0, seed, steps, eta, x_start=x_tc, stream=CLIENT_STREAM)
 
     @torch.no_grad()
@@ -96,5 +129,5 @@ class ClientParty:
         assert self.model is not None
         self.model.eval()
         model = self.model
-        engine = BatchedSampler(lambda x, t, base: model(x, t).sample, self.schedule, self.image_shape, max_batch, self.device)
+        engine = BatchedSampler(lambda x, t, base: model(x, t).sample, self.scheduler, self.image_shape, max_batch, self.device)
         return engine.run([job])["finish"].clamp(-1, 1)

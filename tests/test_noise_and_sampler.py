@@ -8,11 +8,11 @@ from collafuse.config import SamplerConfig
 from collafuse.core.models import build_unet
 from collafuse.core.noise import row_keys, row_noise
 from collafuse.core.sampler import BatchedSampler, SampleJob
-from collafuse.core.schedule import CosineSchedule
+from collafuse.core.schedule import Scheduler
 from collafuse.node.party import ClientParty
 from collafuse.worker.party import ServerParty
 
-S = CosineSchedule()
+S = Scheduler()
 SHAPE = (1, 32, 32)
 
 
@@ -91,16 +91,19 @@ def test_client_with_cut_one_never_needs_the_server_and_zero_needs_no_model():
 
 
 def test_server_last_step_lands_on_the_cut_level_with_the_chains_noise():
-    """The final step gives x̂_{t_c} (rebased at t_c) plus the original chain's posterior noise."""
+    """The final step 61 → 60 is the unsplit DDPM step: x̂₀ from the server's ε̂₂ scaled to the
+    original chain's ε̂, clipped to the data range, the posterior mean, and its noise."""
     server = _server()
     engine = server.sampler(8)
     x = torch.randn(2, *SHAPE)
     job = SampleJob("j", 2, 61, 60, seed=0, x_start=x)
-    eps = server.eps(x, torch.tensor([61, 61]), torch.tensor([60, 60])).float()
-    a = float(S.alpha_bar[61] / S.alpha_bar[60])
-    expected = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    eps2 = server.eps(x, torch.tensor([61, 61]), torch.tensor([60, 60])).float()
     g61, g60 = float(S.alpha_bar[61]), float(S.alpha_bar[60])
-    sigma = math.sqrt((1 - g60) / (1 - g61) * (1 - g61 / g60))
+    eps = math.sqrt((1 - g61) / (1 - g61 / g60)) * eps2
+    x0 = ((x - math.sqrt(1 - g61) * eps) / math.sqrt(g61)).clamp(-1, 1)
+    beta = 1 - g61 / g60
+    expected = math.sqrt(g60) * beta / (1 - g61) * x0 + math.sqrt(1 - beta) * (1 - g60) / (1 - g61) * x
+    sigma = math.sqrt((1 - g60) / (1 - g61) * beta)
     residual = engine.run([job])["j"] - expected
     assert abs(residual.std().item() - sigma) < 0.1 * sigma
     assert abs(residual.mean().item()) < 0.1 * sigma

@@ -121,11 +121,18 @@ def test_end_to_end_three_nodes_train_and_generate(fleet, tmp_path):
 
 
 def test_one_node_through_the_network_equals_the_in_process_run(fleet, tmp_path):
-    """Lockstep node + a worker taking one job per optimiser step = the simulation, bit for bit-ish."""
+    """Lockstep node + a worker taking one job per optimiser step = the simulation, bit for bit-ish,
+    when both hold the same node secret (the key of the cut noise)."""
     steps, batch = 6, 4
     sim = tmp_path / "sim"
     from subprocess import run
     import sys
+
+    secret = os.urandom(32)
+    for path in (sim / "secrets" / "client0.key", tmp_path / "n0" / "secret.key"):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(secret)
+        path.chmod(0o600)
 
     proc = run([sys.executable, "-m", "collafuse.cli", "simulate", "--out", str(sim), "--clients", "1", "--cut-ratio", "0.6",
                 "--steps", str(steps), "--batch-size", str(batch), "--samples", "4", "--sampler", "ddim", "--ddim-steps", "10",

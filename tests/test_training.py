@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from collafuse.config import TrainConfig
+from collafuse.core.cutnoise import CutNoise
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.core.models import build_unet, parameter_count
 from collafuse.node.party import ClientParty
@@ -22,15 +23,15 @@ def test_paper_preset_has_about_3_9_million_parameters():
 def test_short_run_lowers_client_and_server_loss(mni_data):
     torch.manual_seed(0)
     cfg = TrainConfig(batch_size=16)
-    clients = [ClientParty(f"c{i}", 0.5, mni_data.clients[i], train=cfg, seed=i) for i in range(2)]
+    clients = [ClientParty(f"c{i}", 0.5, mni_data.clients[i], train=cfg, seed=i, cut_noise=CutNoise(bytes([i]) * 32)) for i in range(2)]
     server = ServerParty((1, 32, 32), train=cfg)
     client_losses, server_losses = [], []
     for _ in range(40):
         msgs = []
         for c in clients:
-            x0 = c.batch()
-            client_losses.append(c.train_local(x0))
-            msgs.append(c.server_message(x0))
+            batch = c.batch()
+            client_losses.append(c.train_local(batch.x0))
+            msgs.append(c.server_message(batch))
         server_losses.append(server.train_step(msgs))
     first, last = sum(client_losses[:10]) / 10, sum(client_losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -69,7 +70,11 @@ def test_simulate_cli_end_to_end_and_resume(tmp_path):
     assert [c["t_c"] for c in m["clients"]] == [60, 100]
     assert set(m["losses"]) == {"client0", "client1", "server"}
     assert (out / "samples.png").stat().st_size > 0
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"client0.safetensors", "client1.safetensors", "server.safetensors"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"client0.safetensors", "client1.safetensors", "server.safetensors",
+                                                                "sent_rows.safetensors"}
+    assert [p.name for p in (out / "secrets").iterdir()] == ["client0.key"]  # client1 (c = 1) never talks to the server
+    secret = (out / "secrets" / "client0.key").read_bytes()
     proc = subprocess.run([*base, "--steps", "6", "--resume"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 4
+    assert (out / "secrets" / "client0.key").read_bytes() == secret  # resume keeps the secret

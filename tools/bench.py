@@ -98,13 +98,13 @@ def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 
 
     from collafuse.config import DiffusionConfig
     from collafuse.core.models import resolve_device
-    from collafuse.core.schedule import CosineSchedule
-    from collafuse.core.split import make_server_message
+    from collafuse.core.schedule import Scheduler
+    from collafuse.core.split import server_message
     from collafuse.worker.party import ServerParty
 
     dev = resolve_device(device)
     party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
-    msg = make_server_message(CosineSchedule(DiffusionConfig()), torch.rand(batch, 1, size, size) * 2 - 1, 60)
+    msg = server_message(Scheduler(DiffusionConfig()), torch.randn(batch, 1, size, size), 60, torch.Generator().manual_seed(0))
     for _ in range(3):
         party.train_step([msg])
     _sync(dev)
@@ -265,27 +265,30 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
 @app.command()
 def cpu(size: str = "32,64", models: str = "tiny,paper", batch: int = 32, samples: int = 8) -> None:
     """Training-step time and sampling time per image on this machine's CPU."""
+    import secrets
+
     import torch
 
     from collafuse.config import SamplerConfig, TrainConfig
+    from collafuse.core.cutnoise import CutNoise
     from collafuse.node.party import ClientParty
     from collafuse.worker.party import ServerParty
 
     for s in (int(x) for x in size.split(",")):
         for m in models.split(","):
             data = torch.rand(batch * 4, 1, s, s) * 2 - 1
-            client = ClientParty("bench", 0.6, data, m, train=TrainConfig(batch_size=batch))
+            client = ClientParty("bench", 0.6, data, m, train=TrainConfig(batch_size=batch), cut_noise=CutNoise(secrets.token_bytes(32)))
             server = ServerParty((1, s, s), m, train=TrainConfig(batch_size=batch))
-            x0 = client.batch()
-            client.train_local(x0)
-            server.train_step([client.server_message(x0)])
+            drawn = client.batch()
+            client.train_local(drawn.x0)
+            server.train_step([client.server_message(drawn)])
             start = time.perf_counter()
             for _ in range(3):
-                client.train_local(x0)
+                client.train_local(drawn.x0)
             local_step = (time.perf_counter() - start) / 3
             start = time.perf_counter()
             for _ in range(3):
-                server.train_step([client.server_message(x0)])
+                server.train_step([client.server_message(drawn)])
             server_step = (time.perf_counter() - start) / 3
             start = time.perf_counter()
             x_tc = server.sampler(samples).run([server.denoise_job("j", samples, client.t_c, 0, SamplerConfig())])["j"]
@@ -297,6 +300,41 @@ def cpu(size: str = "32,64", models: str = "tiny,paper", batch: int = 32, sample
                                    "client_train_step_s": round(local_step, 3), "server_train_step_s": round(server_step, 3),
                                    "server_sample_s_per_image_c0.6": round(server_sample, 3),
                                    "client_sample_s_per_image_c0.6": round(client_sample, 3)}))
+
+
+@app.command()
+def cutnoise(sizes: str = "32,64,128", batch: int = 32, model: str = "tiny", repeats: int = 5) -> None:
+    """What the keyed cut noise costs a node: ε₁ per image (SHAKE-256 + Box–Muller) and the image ids,
+    against one local training step on the same batch (the work the node does anyway)."""
+    import secrets
+
+    import torch
+
+    from collafuse.config import TrainConfig
+    from collafuse.core.cutnoise import CutNoise, image_ids
+    from collafuse.node.party import ClientParty
+
+    for size in (int(x) for x in sizes.split(",")):
+        data = torch.rand(batch, 1, size, size) * 2 - 1
+        noise = CutNoise(secrets.token_bytes(32))
+        ids = image_ids(data)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            noise(ids, range(batch), (1, size, size))
+        per_image = (time.perf_counter() - start) / (repeats * batch)
+        start = time.perf_counter()
+        image_ids(data)
+        id_per_image = (time.perf_counter() - start) / batch
+        party = ClientParty("bench", 0.6, data, model, train=TrainConfig(batch_size=batch), cut_noise=noise)
+        x0 = party.batch().x0
+        party.train_local(x0)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            party.train_local(x0)
+        step = (time.perf_counter() - start) / repeats
+        typer.echo(json.dumps({"what": "cut_noise", "size": size, "batch": batch, "model": model, "threads": torch.get_num_threads(),
+                               "eps1_ms_per_image": round(per_image * 1e3, 3), "image_id_ms_per_image": round(id_per_image * 1e3, 4),
+                               "local_step_s": round(step, 3), "eps1_share_of_local_step": round(per_image * batch / step, 4)}))
 
 
 if __name__ == "__main__":

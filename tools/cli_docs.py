@@ -17,10 +17,10 @@ BENCH, RUNPACK = "collafuse.tools.bench", "collafuse.tools.runpack"
 # (heading, commands shown under it); a command is a console script or a module run with -m.
 PAGES: list[tuple[str, list[list[str]]]] = [
     ("`collafuse`", [["collafuse"]]),
-    *((f"`collafuse {c}`", [["collafuse", c]]) for c in ("simulate", "demo", "up", "broker", "worker", "status", "loadtest", "sweep")),
+    *((f"`collafuse {c}`", [["collafuse", c]]) for c in ("simulate", "demo", "up", "broker", "worker", "status", "loadtest", "sweep", "audit")),
     ("`collafuse-node`", [["collafuse-node"]]),
     *((f"`collafuse-node {c}`", [["collafuse-node", c]]) for c in ("join", "generate")),
-    (f"`python -m {BENCH}`", [["-m", BENCH], *(["-m", BENCH, c] for c in ("raw", "sampler", "train", "system", "broker", "cpu"))]),
+    (f"`python -m {BENCH}`", [["-m", BENCH], *(["-m", BENCH, c] for c in ("raw", "sampler", "train", "system", "broker", "cpu", "cutnoise"))]),
     (f"`python -m {RUNPACK}`", [["-m", RUNPACK]]),
 ]
 

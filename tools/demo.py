@@ -31,6 +31,7 @@ class DemoConfig:
     device: str = "auto"
     data: str = "mni"
     seed: int = 0
+    cut_noise: str = "keyed"
     threads: int = 1  # torch threads per process: five processes share a small CPU
     lockstep: bool = True  # nodes wait for room in their window, so the server sees every step's rows
 
@@ -84,7 +85,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
             fleet.start(name, cli(
                 "join", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--data", cfg.data, "--shard", str(i),
                 "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                "--model", cfg.client_model, "--state", str(out / name), *common, *(["--lockstep"] if cfg.lockstep else []),
+                "--model", cfg.client_model, "--state", str(out / name), "--cut-noise", cfg.cut_noise, *common,
+                *(["--lockstep"] if cfg.lockstep else []),
                 module="collafuse.node.cli"))
         next_report = 0.0
         while any(fleet.alive(n) for n in names):

@@ -7,8 +7,8 @@ import torch
 
 from collafuse.config import SamplerConfig
 from collafuse.core.noise import row_keys, row_noise
-from collafuse.core.schedule import CosineSchedule
-from collafuse.core.split import make_server_message
+from collafuse.core.schedule import Scheduler
+from collafuse.core.split import server_message
 from collafuse.node.party import ClientParty
 from collafuse.worker.party import ServerParty
 
@@ -25,11 +25,11 @@ b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]  # rows retir
 graphed = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
 graphed.model.load_state_dict(cpu.model.state_dict())
 g = graphed.sampler(4).run([graphed.denoise_job("j", 6, 40, 3, cfg)])["j"]  # buckets 4 and 2
-msg = make_server_message(CosineSchedule(), torch.rand(16, 1, 32, 32) * 2 - 1, 40, torch.Generator().manual_seed(0))
+msg = server_message(Scheduler(), torch.randn(16, 1, 32, 32), 40, torch.Generator().manual_seed(0))
 loss_cpu, loss_gpu = cpu.train_step([msg]), gpu.train_step([msg])
 data = torch.rand(64, 1, 32, 32) * 2 - 1
 clients = [ClientParty("c", 0.6, data, "tiny", device=d, seed=3) for d in ("cpu", "cuda")]
-client_losses = [c.train_local(c.batch()) for c in clients]
+client_losses = [c.train_local(c.batch().x0) for c in clients]
 print(json.dumps({"what": "cuda_correctness", "noise_max_abs_diff_cpu_gpu": noise_diff,
                   "sample_max_abs_diff": float((a - b).abs().max()), "sample_scale": float(a.abs().max()),
                   "graphed_sample_max_abs_diff": float((a - g).abs().max()),

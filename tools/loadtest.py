@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from collafuse.config import ProtocolLimits
-from collafuse.core.schedule import level_path
+from collafuse.config import DiffusionConfig, ProtocolLimits, SamplerConfig
+from collafuse.core.schedule import Scheduler
 from collafuse.node.link import fetch_status
 from collafuse.protocol import tensors, wire
 
@@ -56,8 +56,10 @@ class SimClient:
 
 
 def _server_steps(cfg: LoadConfig, t_c: int) -> int:
-    steps = max(1, round(cfg.ddim_steps * (cfg.levels - t_c) / cfg.levels))
-    return len(level_path(cfg.levels, t_c, steps)) - 1
+    """The model calls the server makes for one row of a denoise job with this cut: its DDIM share."""
+    scheduler = Scheduler(DiffusionConfig(levels=cfg.levels))
+    steps, _ = scheduler.share(SamplerConfig(kind="ddim", ddim_steps=cfg.ddim_steps), cfg.levels, t_c)
+    return len(scheduler.timesteps(cfg.levels, t_c, steps)) - 1
 
 
 def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from collafuse.config import SimulateConfig
 from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.core.cutnoise import CutNoise, load_secret
 from collafuse.core.models import parameter_count, resolve_device
 from collafuse.datasets import load_federated
 from collafuse.evaluation.energy import PhaseEnergy
@@ -30,6 +31,9 @@ from collafuse.worker.party import ServerParty
 SAMPLE_SEED = 1234
 
 
+SENT_ROWS = "sent_rows.safetensors"  # per client, the data row of every message row the server got: what the audit replays
+
+
 def _checkpoint_all(folder: Path, clients: list[ClientParty], server: ServerParty | None, step: int, config: dict) -> None:
     meta = {"step": step, "config": config}
     for c in clients:
@@ -37,6 +41,10 @@ def _checkpoint_all(folder: Path, clients: list[ClientParty], server: ServerPart
             save_checkpoint(folder / f"{c.name}.safetensors", c.model, c.optimizer, {**meta, "party": c.name, "t_c": c.t_c})
     if server is not None:
         save_checkpoint(folder / "server.safetensors", server.model, server.optimizer, {**meta, "party": "server"})
+    sent = {c.name: torch.tensor(c.sent_rows, dtype=torch.int64) for c in clients if c.sent_rows is not None}
+    tmp = folder / (SENT_ROWS + ".tmp")
+    save_file(sent, str(tmp), metadata={"step": str(step)})
+    tmp.replace(folder / SENT_ROWS)
 
 
 def _resume_all(folder: Path, clients: list[ClientParty], server: ServerParty | None, device: torch.device) -> int:
@@ -48,7 +56,18 @@ def _resume_all(folder: Path, clients: list[ClientParty], server: ServerParty | 
         steps.add(load_checkpoint(folder / "server.safetensors", server.model, server.optimizer, device)["step"])
     if len(steps) != 1:
         raise ValueError(f"checkpoints in {folder} are from different steps: {sorted(steps)}")
+    sent = load_file(str(folder / SENT_ROWS))
+    for c in clients:
+        if c.sent_rows is not None:
+            c.sent_rows.extend(sent[c.name].tolist())
+            c.rows_sent = len(c.sent_rows)
     return steps.pop()
+
+
+def client_secret(out: Path, name: str) -> bytes:
+    """A simulated client's node secret, kept in OUT/secrets/ so that a resumed run keeps it (and a
+    test can give a node the same one)."""
+    return load_secret(out / "secrets" / f"{name}.key")
 
 
 def generate(
@@ -84,10 +103,13 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
     torch.manual_seed(config.data.seed)
     data = load_federated(config.data)
     cut_ratios = config.client_cut_ratios()
-    clients = [
-        ClientParty(f"client{i}", c, data.clients[i], config.client_model, config.diffusion, config.train, device, seed=client_seed(config.data.seed, i))
-        for i, c in enumerate(cut_ratios)
-    ]
+    clients = []
+    for i, c in enumerate(cut_ratios):
+        name = f"client{i}"
+        talks = config.diffusion.cut_level(c) < config.diffusion.levels  # c = 1 never talks to the server
+        cut_noise = CutNoise(client_secret(out, name), config.cut_noise) if talks else None
+        clients.append(ClientParty(name, c, data.clients[i], config.client_model, config.diffusion, config.train, device,
+                                   seed=client_seed(config.data.seed, i), cut_noise=cut_noise, record_rows=talks))
     image_shape = tuple(data.clients[0].shape[1:])
     server = (
         ServerParty(image_shape, config.server_model, config.diffusion, config.train, device, seed=config.data.seed)  # type: ignore[arg-type]
@@ -106,12 +128,12 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
     for step in range(first + 1, config.steps + 1):
         messages = []
         for c in clients:
-            x0 = c.batch()
+            batch = c.batch()
             with energy.phase(f"local_training/{c.name}"):
                 if c.has_local_model:
-                    window[c.name].append(c.train_local(x0))
+                    window[c.name].append(c.train_local(batch.x0))
                 if c.uses_server:
-                    messages.append(c.server_message(x0))
+                    messages.append(c.server_message(batch))
         if server is not None:
             with energy.phase("server_training"):
                 window["server"].append(server.train_step(messages))

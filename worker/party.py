@@ -15,8 +15,8 @@ from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
 from collafuse.core.graphs import Forward, GraphedForward
 from collafuse.core.models import build_unet
 from collafuse.core.optim import apply_loss
-from collafuse.core.sampler import BatchedSampler, SampleJob, steps_and_eta
-from collafuse.core.schedule import CosineSchedule
+from collafuse.core.sampler import BatchedSampler, SampleJob
+from collafuse.core.schedule import Scheduler
 from collafuse.core.split import ServerMessage, server_loss
 
 SERVER_STREAM = 0
@@ -35,7 +35,7 @@ class ServerParty:
         cuda_graphs: bool = False,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
-        self.schedule = CosineSchedule(diffusion)
+        self.scheduler = Scheduler(diffusion)
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same initial weights in a worker and in the simulation
@@ -83,12 +83,12 @@ class ServerParty:
 
     def sampler(self, max_batch: int) -> BatchedSampler:
         self.model.eval()
-        return BatchedSampler(self.denoiser(max_batch), self.schedule, self.image_shape, max_batch, self.device)
+        return BatchedSampler(self.denoiser(max_batch), self.scheduler, self.image_shape, max_batch, self.device)
 
     def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig, first_row: int = 0) -> SampleJob:
         """The server's part of a generation: x_T ~ N(0, I) from the seed, down to x_{t_c}."""
-        levels = self.schedule.levels
+        levels = self.scheduler.levels
         if not 0 <= t_c < levels:
             raise ValueError(f"server denoising needs 0 <= t_c < {levels}, got {t_c}")
-        steps, eta = steps_and_eta(sampler, levels, t_c, levels)
+        steps, eta = self.scheduler.share(sampler, levels, t_c)
         return SampleJob(job_id, count, levels, t_c, seed, steps, eta, stream=SERVER_STREAM, first_row=first_row)

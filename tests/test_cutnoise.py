@@ -1,0 +1,118 @@
+"""The secret, keyed cut noise ε₁ (DESIGN.md §2): one x_{t_c} per image, unpredictable to a server
+that knows the code and the node's seed."""
+
+import math
+import os
+import stat
+
+import pytest
+import torch
+
+from collafuse.config import TrainConfig
+from collafuse.core.cutnoise import CutNoise, image_ids, keyed_normal, load_secret
+from collafuse.core.schedule import Scheduler
+from collafuse.core.split import recover_cut_image
+from collafuse.node.party import ClientParty, _message_seed, client_seed
+
+S = Scheduler()
+SECRET = bytes(range(32))
+
+
+def test_keyed_normal_is_standard_normal_deterministic_and_key_separated():
+    z = keyed_normal(b"k1", 200_001)
+    assert len(z) == 200_001
+    assert abs(z.mean()) < 5 / math.sqrt(len(z)) and abs(z.var() - 1) < 0.01
+    assert abs((z**4).mean() - 3) < 0.05
+    assert (keyed_normal(b"k1", 1000) == z[:1000]).all()
+    other = keyed_normal(b"k2", 200_001)
+    assert abs(float((z * other).mean())) < 5 / math.sqrt(len(z))
+
+
+def test_each_image_has_one_cut_noise_and_fresh_mode_draws_per_message():
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    ids = image_ids(images)
+    assert ids == image_ids(images.clone()) and len(set(ids)) == 3
+    keyed, fresh = CutNoise(SECRET), CutNoise(SECRET, "fresh")
+    a, b = keyed(ids, [0, 1, 2], (1, 8, 8)), keyed(ids, [7, 8, 9], (1, 8, 8))
+    assert torch.equal(a, b)  # the row number does not matter
+    assert not torch.allclose(a[0], a[1])
+    assert not torch.allclose(fresh(ids, [0, 1, 2], (1, 8, 8)), fresh(ids, [3, 4, 5], (1, 8, 8)))
+    assert not torch.allclose(a, CutNoise(bytes(32))(ids, [0, 1, 2], (1, 8, 8)))  # another node's secret
+    assert "SECRET" not in repr(keyed) and SECRET.hex() not in repr(keyed)
+
+
+def _party(mode: str, seed: int = 5) -> ClientParty:
+    data = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # 2 images, batches of 8: repeats
+    return ClientParty("c", 0.4, data, train=TrainConfig(batch_size=8), seed=seed, cut_noise=CutNoise(SECRET, mode))
+
+
+def test_messages_of_one_image_carry_one_x_tc_by_default_and_many_when_fresh():
+    for mode, same in (("keyed", True), ("fresh", False)):
+        party = _party(mode)
+        views, rows = [], []
+        for _ in range(3):
+            batch = party.batch()
+            msg = party.server_message(batch)
+            views.append(recover_cut_image(S, msg))
+            rows.append(batch.index)
+        views, rows = torch.cat(views), torch.cat(rows)
+        first = views[rows == 0]
+        assert first.shape[0] > 2
+        spread = (first - first[0]).abs().max().item()
+        if same:
+            assert spread < 5e-3  # float32 recovery error at high t
+        else:
+            assert spread > 0.5
+
+
+def test_replaying_the_nodes_seed_does_not_reproduce_eps1():
+    """The seed-replay attack of the privacy review: a server that knows the code and guesses the
+    node's seed replays its generators. It gets t and ε₂ bit for bit (they are sent anyway), but not
+    ε₁: its reconstruction of x₀ is no better than dividing x_{t_c} by √ᾱ."""
+    seed = client_seed(0, 0)
+    party = _party("keyed", seed)
+    batch = party.batch()
+    msg = party.server_message(batch)
+    t_c, a = party.t_c, float(S.alpha_bar[party.t_c])
+    # replay: the batch generator, then the message generator, exactly as the node uses them
+    batches, messages = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(_message_seed(seed))
+    index = torch.randint(0, 2, (8,), generator=batches)
+    assert torch.equal(index, batch.index)
+    t = torch.randint(t_c + 1, 101, (8,), generator=messages)
+    eps2 = torch.randn((8, 1, 8, 8), generator=messages)
+    assert torch.equal(t, msg.t) and torch.equal(eps2, msg.eps)  # the replay works
+    x_tc = recover_cut_image(S, msg)
+    x0 = batch.x0
+    guesses = [torch.randn((8, 1, 8, 8), generator=g) for g in (batches, messages)] + [torch.zeros(8, 1, 8, 8)]
+    naive = ((x_tc / math.sqrt(a) - x0) ** 2).mean().item()
+    for guess in guesses:
+        error = (((x_tc - math.sqrt(1 - a) * guess) / math.sqrt(a) - x0) ** 2).mean().item()
+        assert error > 0.5 * naive, error
+    # with the secret it would be exact: the attack fails for want of ε₁ alone
+    eps1 = CutNoise(SECRET)([party.ids[i] for i in batch.index.tolist()], range(8), (1, 8, 8))
+    exact = ((x_tc - math.sqrt(1 - a) * eps1) / math.sqrt(a) - x0).abs().max().item()
+    assert exact < 1e-2
+
+
+def test_a_party_that_talks_to_the_server_needs_its_secret():
+    party = ClientParty("c", 0.4, torch.rand(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="secret cut noise"):
+        party.server_message(party.batch())
+
+
+def test_secret_file_is_created_private_kept_and_checked(tmp_path):
+    path = tmp_path / "state" / "secret.key"
+    first = load_secret(path)
+    assert len(first) == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_secret(path) == first  # resume keeps it
+    assert load_secret(tmp_path / "other.key") != first  # from the OS's entropy
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        load_secret(path)
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 5)
+    os.chmod(short, 0o600)
+    with pytest.raises(ValueError, match="not a node secret"):
+        load_secret(short)
+    with pytest.raises(FileNotFoundError):
+        load_secret(tmp_path / "missing.key", create=False)
