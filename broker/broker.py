@@ -24,8 +24,8 @@ from typing import Any
 
 import zmq
 
-from collafuse.config import BrokerConfig
-from collafuse.lifecycle import Stoppable
+from collafuse.common.config import BrokerConfig
+from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from collafuse.config import DataConfig
+from collafuse.common.config import DataConfig
 from collafuse.datasets.augment import augment
 from collafuse.datasets.sources import (
     DataError,

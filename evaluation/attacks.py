@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from collafuse.core.graphs import Forward
-from collafuse.core.schedule import Scheduler
+from collafuse.engine.graphs import Forward
+from collafuse.diffusion.schedule import Scheduler
 
 
 @dataclass

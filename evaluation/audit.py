@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from collafuse.config import DataConfig, DiffusionConfig
-from collafuse.core.checkpoint import load_checkpoint
-from collafuse.core.cutnoise import CutNoise, image_ids, load_secret
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import cut_image
+from collafuse.common.config import DataConfig, DiffusionConfig
+from collafuse.engine.checkpoint import load_checkpoint
+from collafuse.diffusion.cutnoise import CutNoise, image_ids, load_secret
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import cut_image
 from collafuse.datasets import load_federated
 from collafuse.evaluation.attacks import (
     auc,
@@ -38,7 +38,7 @@ from collafuse.evaluation.attacks import (
     reidentification,
     tpr_at_fpr,
 )
-from collafuse.tools.simulate import SENT_ROWS
+from collafuse.engine.simulate import SENT_ROWS
 
 AUDIT_FILE = "audit.json"
 
@@ -101,7 +101,7 @@ def _some(images: torch.Tensor, count: int) -> torch.Tensor:
 def audit_run(folder: Path, nonmembers: int = 1024, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit an in-process run folder (`collafuse simulate` or `collafuse sweep --in-process`);
     writes FOLDER/audit.json and returns it."""
-    from collafuse.worker.party import ServerParty
+    from collafuse.engine.server import ServerParty
 
     metrics = json.loads((folder / "metrics.json").read_text())
     config = metrics["config"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from collafuse.config import NodeConfig, SamplerConfig
-from collafuse.core.checkpoint import load_checkpoint
-from collafuse.evaluation.energy import PhaseEnergy
+from collafuse.common.config import NodeConfig, SamplerConfig
+from collafuse.engine.checkpoint import load_checkpoint
+from collafuse.common.energy import PhaseEnergy
 from collafuse.node.join import checkpoint_path, connect, make_party
 from collafuse.protocol import tensors, wire
-from collafuse.tools.images import save_grid, save_pngs
+from collafuse.datasets.images import save_grid, save_pngs
 
 
 def server_part(config: NodeConfig, party, count: int, seed: int, sampler: SamplerConfig, timeout: float) -> torch.Tensor:

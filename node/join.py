@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from collafuse.config import DataConfig, DiffusionConfig, NodeConfig
-from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
-from collafuse.core.cutnoise import CutNoise, load_secret
-from collafuse.core.models import resolve_device
+from collafuse.common.config import DataConfig, DiffusionConfig, NodeConfig
+from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.diffusion.cutnoise import CutNoise, load_secret
+from collafuse.diffusion.models import resolve_device
 from collafuse.datasets import load_federated
-from collafuse.evaluation.energy import PhaseEnergy
-from collafuse.lifecycle import Stoppable
-from collafuse.node.link import BrokerLink
-from collafuse.node.party import Batch, ClientParty, client_seed
+from collafuse.common.energy import PhaseEnergy
+from collafuse.common.lifecycle import Stoppable
+from collafuse.protocol.link import BrokerLink
+from collafuse.engine.client import Batch, ClientParty, client_seed
 from collafuse.protocol import tensors, wire
-from collafuse.tools.progress import Progress
+from collafuse.common.progress import Progress
 
 log = logging.getLogger("collafuse.node")
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from collafuse.config import ProtocolLimits
+from collafuse.common.config import ProtocolLimits
 
 PROTOCOL_VERSION = 1
 

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from collafuse.config import ProtocolLimits
+from collafuse.common.config import ProtocolLimits
 from collafuse.protocol import tensors, wire
 
 

@@ -8,11 +8,11 @@ import stat
 import pytest
 import torch
 
-from collafuse.config import TrainConfig
-from collafuse.core.cutnoise import CutNoise, image_ids, keyed_normal, load_secret
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import recover_cut_image
-from collafuse.node.party import ClientParty, _message_seed, client_seed
+from collafuse.common.config import TrainConfig
+from collafuse.diffusion.cutnoise import CutNoise, image_ids, keyed_normal, load_secret
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import recover_cut_image
+from collafuse.engine.client import ClientParty, _message_seed, client_seed
 
 S = Scheduler()
 SECRET = bytes(range(32))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from collafuse.config import DataConfig
+from collafuse.common.config import DataConfig
 from collafuse.datasets import DataError, load_federated
 from collafuse.datasets.shards import mni_slice_split
 from collafuse.datasets.sources import mni_template_path, read_volume

@@ -20,7 +20,7 @@ from collafuse.evaluation.attacks import (
     reidentification,
     tpr_at_fpr,
 )
-from collafuse.evaluation.energy import PhaseEnergy
+from collafuse.common.energy import PhaseEnergy
 from collafuse.evaluation.kid import CLEANFID_CACHE, EvaluationError, InceptionFeatures, inception_weights, kernel_distance, verify_weights
 
 

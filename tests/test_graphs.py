@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import torch
 
-from collafuse.core.graphs import buckets
-from collafuse.tools.launch import cli
-from collafuse.worker.party import ServerParty
+from collafuse.engine.graphs import buckets
+from collafuse.system.launch import cli
+from collafuse.engine.server import ServerParty
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,7 +53,7 @@ def test_graphed_forward_equals_eager_and_follows_the_weights(bf16):
 def test_graphed_denoising_follows_the_trainers_optimiser_steps():
     """A trainer worker denoises with graphs between Adam steps: every replay sees the new weights."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    from collafuse.core.split import ServerMessage
+    from collafuse.diffusion.split import ServerMessage
 
     party = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
     graphed = party.denoiser(8)

@@ -4,13 +4,13 @@ import math
 
 import torch
 
-from collafuse.config import SamplerConfig
-from collafuse.core.models import build_unet
-from collafuse.core.noise import row_keys, row_noise
-from collafuse.core.sampler import BatchedSampler, SampleJob
-from collafuse.core.schedule import Scheduler
-from collafuse.node.party import ClientParty
-from collafuse.worker.party import ServerParty
+from collafuse.common.config import SamplerConfig
+from collafuse.diffusion.models import build_unet
+from collafuse.diffusion.noise import row_keys, row_noise
+from collafuse.engine.sampler import BatchedSampler, SampleJob
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.engine.client import ClientParty
+from collafuse.engine.server import ServerParty
 
 S = Scheduler()
 SHAPE = (1, 32, 32)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from collafuse.config import ProtocolLimits
+from collafuse.common.config import ProtocolLimits
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
@@ -113,7 +113,7 @@ def test_broker_side_needs_no_torch():
     import subprocess
     import sys
 
-    code = "import sys; import collafuse.broker.broker, collafuse.protocol.tensors, collafuse.cli; assert 'torch' not in sys.modules"
+    code = "import sys; import collafuse.broker.broker, collafuse.protocol.tensors, collafuse.protocol.link, collafuse.cli.main; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 

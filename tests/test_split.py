@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from collafuse.config import DiffusionConfig
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import ServerMessage, cut_image, recover_cut_image, server_message
+from collafuse.common.config import DiffusionConfig
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import ServerMessage, cut_image, recover_cut_image, server_message
 
 S = Scheduler()
 NO_CLIP = Scheduler(DiffusionConfig(clip_sample=0.0))
@@ -154,7 +154,7 @@ def test_server_ancestral_chain_matches_unsplit_ddpm_at_the_cut():
     """The server's chain T → t_c through the batched sampler (float32, its counter noise) has the
     spread of unsplit DDPM over the same levels, computed exactly in float64 for Gaussian data:
     DDPM's own discretisation error (a few % below the forward marginal) included, not hidden."""
-    from collafuse.core.sampler import BatchedSampler, SampleJob
+    from collafuse.engine.sampler import BatchedSampler, SampleJob
 
     for t_c in (20, 60):
         out = BatchedSampler(_exact_eps_b_float, NO_CLIP, (1, 32, 32), 256).run([SampleJob("j", 256, 100, t_c, seed=t_c)])["j"]

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from collafuse.node.link import fetch_status
+from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
-from collafuse.tools.launch import Fleet, cli, free_port, wait_for
+from collafuse.system.launch import Fleet, cli, free_port, wait_for
 from tests.netclient import RawClient
 
 FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "5"]
@@ -52,7 +52,7 @@ def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str) ->
 
 
 def node(*args: str) -> list[str]:
-    return cli(*args, module="collafuse.node.cli")
+    return cli(*args, module="collafuse.cli.node")
 
 
 def test_malformed_messages_get_errors_and_the_broker_keeps_serving(fleet):
@@ -236,7 +236,7 @@ def test_node_resumes_from_its_checkpoint(tmp_path):
     from subprocess import run
     import sys
 
-    base = [sys.executable, "-m", "collafuse.node.cli", "join", "--name", "solo", "--cut-ratio", "1.0", "--shards", "1",
+    base = [sys.executable, "-m", "collafuse.cli.node", "join", "--name", "solo", "--cut-ratio", "1.0", "--shards", "1",
             "--batch-size", "4", "--state", str(tmp_path / "solo"), "--device", "cpu", "--broker", "tcp://127.0.0.1:1"]
     first = run([*base, "--steps", "3"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

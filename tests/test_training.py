@@ -7,12 +7,12 @@ import sys
 import torch
 from safetensors import safe_open
 
-from collafuse.config import TrainConfig
-from collafuse.core.cutnoise import CutNoise
-from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
-from collafuse.core.models import build_unet, parameter_count
-from collafuse.node.party import ClientParty
-from collafuse.worker.party import ServerParty
+from collafuse.common.config import TrainConfig
+from collafuse.diffusion.cutnoise import CutNoise
+from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.diffusion.models import build_unet, parameter_count
+from collafuse.engine.client import ClientParty
+from collafuse.engine.server import ServerParty
 
 
 def test_paper_preset_has_about_3_9_million_parameters():

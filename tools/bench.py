@@ -30,8 +30,8 @@ def raw_forward_rate(
     forward the sampler calls: eager, or a replayed CUDA graph)."""
     import torch
 
-    from collafuse.core.models import resolve_device
-    from collafuse.worker.party import ServerParty
+    from collafuse.diffusion.models import resolve_device
+    from collafuse.engine.server import ServerParty
 
     device = resolve_device(device_name)
     party = ServerParty((1, size, size), model_name, device=device, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
@@ -70,9 +70,9 @@ def sampler(
     bf16: bool = False, cuda_graphs: bool = False,
 ) -> None:
     """The in-process continuous-batching sampler (what `simulate` and the worker run) against the raw model."""
-    from collafuse.config import SamplerConfig
-    from collafuse.core.models import resolve_device
-    from collafuse.worker.party import ServerParty
+    from collafuse.common.config import SamplerConfig
+    from collafuse.diffusion.models import resolve_device
+    from collafuse.engine.server import ServerParty
 
     dev = resolve_device(device)
     party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
@@ -96,11 +96,11 @@ def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 
     """Server optimiser steps on merged rows: images/s."""
     import torch
 
-    from collafuse.config import DiffusionConfig
-    from collafuse.core.models import resolve_device
-    from collafuse.core.schedule import Scheduler
-    from collafuse.core.split import server_message
-    from collafuse.worker.party import ServerParty
+    from collafuse.common.config import DiffusionConfig
+    from collafuse.diffusion.models import resolve_device
+    from collafuse.diffusion.schedule import Scheduler
+    from collafuse.diffusion.split import server_message
+    from collafuse.engine.server import ServerParty
 
     dev = resolve_device(device)
     party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
@@ -126,8 +126,8 @@ def system(
     """Denoising through the broker (one worker, many clients) against the raw model at the same batch,
     and (with --single) the same worker serving one row at a time: the batching gain. With
     --cuda-graphs the worker and the raw figure both replay graphs; the eager raw rate is given too."""
-    from collafuse.tools.demo import start_server_side
-    from collafuse.tools.launch import Fleet
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.launch import Fleet
     from collafuse.tools.loadtest import LoadConfig, run_load
 
     def through_broker(batch: int, n_clients: int, n_rows: int) -> dict:
@@ -182,7 +182,7 @@ def _proxy_echo_process(bp: int) -> None:
 
 def _broker_process(fp: int, bp: int) -> None:
     from collafuse.broker.broker import Broker
-    from collafuse.config import BrokerConfig
+    from collafuse.common.config import BrokerConfig
 
     Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6)).run()
 
@@ -191,7 +191,7 @@ def _echo_worker_process(bp: int) -> None:
     """A protocol peer that acknowledges every train job at once (it applies nothing)."""
     import zmq
 
-    from collafuse.config import ProtocolLimits
+    from collafuse.common.config import ProtocolLimits
     from collafuse.protocol import wire
 
     s = zmq.Context().socket(zmq.DEALER)
@@ -216,7 +216,7 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
     import zmq
 
     from collafuse.protocol import tensors, wire
-    from collafuse.tools.launch import free_port
+    from collafuse.system.launch import free_port
 
     rows = max(1, size_kib * 1024 // (2 * 4 * 32 * 32))
     blob = tensors.encode({"x_t": np.zeros((rows, 1, 32, 32), np.float32), "t": np.full(rows, 100, np.int64),
@@ -269,10 +269,10 @@ def cpu(size: str = "32,64", models: str = "tiny,paper", batch: int = 32, sample
 
     import torch
 
-    from collafuse.config import SamplerConfig, TrainConfig
-    from collafuse.core.cutnoise import CutNoise
-    from collafuse.node.party import ClientParty
-    from collafuse.worker.party import ServerParty
+    from collafuse.common.config import SamplerConfig, TrainConfig
+    from collafuse.diffusion.cutnoise import CutNoise
+    from collafuse.engine.client import ClientParty
+    from collafuse.engine.server import ServerParty
 
     for s in (int(x) for x in size.split(",")):
         for m in models.split(","):
@@ -310,9 +310,9 @@ def cutnoise(sizes: str = "32,64,128", batch: int = 32, model: str = "tiny", rep
 
     import torch
 
-    from collafuse.config import TrainConfig
-    from collafuse.core.cutnoise import CutNoise, image_ids
-    from collafuse.node.party import ClientParty
+    from collafuse.common.config import TrainConfig
+    from collafuse.diffusion.cutnoise import CutNoise, image_ids
+    from collafuse.engine.client import ClientParty
 
     for size in (int(x) for x in sizes.split(",")):
         data = torch.rand(batch, 1, size, size) * 2 - 1

@@ -6,7 +6,7 @@ LOG=gpu.log
 source "$(dirname "$0")/gpu_env.sh"
 J="$OUT/gpu.jsonl"
 B="python3 -m collafuse.tools.bench"
-python3 "$REPO/tools/gpu_correctness.py" | tee -a "$J"
+python3 tools/gpu_correctness.py | tee -a "$J"
 [ "${QUICK:-0}" = 1 ] || $B raw --model paper --size 128 --batch 1,64,256,512 --bf16 --seconds 4 | tee -a "$J"
 $B sampler --model paper --size 128 --max-batch 64 --bf16 | tee -a "$J"
 $B sampler --model paper --size 128 --max-batch 64 --bf16 --cuda-graphs | tee -a "$J"

@@ -5,12 +5,12 @@ import json
 
 import torch
 
-from collafuse.config import SamplerConfig
-from collafuse.core.noise import row_keys, row_noise
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import server_message
-from collafuse.node.party import ClientParty
-from collafuse.worker.party import ServerParty
+from collafuse.common.config import SamplerConfig
+from collafuse.diffusion.noise import row_keys, row_noise
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import server_message
+from collafuse.engine.client import ClientParty
+from collafuse.engine.server import ServerParty
 
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 torch.manual_seed(0)

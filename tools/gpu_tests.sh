@@ -4,8 +4,7 @@
 # (CUDA graphs on). Writes $OUT/gpu_tests.log, $OUT/mixed.json and the broker's and worker's logs.
 LOG=gpu_tests.log
 source "$(dirname "$0")/gpu_env.sh"
-cp -r "$REPO/tests" /tmp/tests  # run from outside the checkout, whose collafuse/ folder would shadow the package
-python3 -m pytest -q -p no:cacheprovider -rs /tmp/tests/test_graphs.py
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py
 C="python3 -m collafuse.cli -v"
 $C broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556 > "$OUT/broker.log" 2>&1 &
 BROKER=$!

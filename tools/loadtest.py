@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from collafuse.config import DiffusionConfig, ProtocolLimits, SamplerConfig
-from collafuse.core.schedule import Scheduler
-from collafuse.node.link import fetch_status
+from collafuse.common.config import DiffusionConfig, ProtocolLimits, SamplerConfig
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
 
 CLIENTS_PER_SOCKET = 50

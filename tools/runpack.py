@@ -21,7 +21,7 @@ import typer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from collafuse.tools.simulate import SENT_ROWS
+from collafuse.engine.simulate import SENT_ROWS
 
 
 def pack(folder: Path, root: Path, dest: Path) -> Path:

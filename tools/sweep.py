@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from collafuse.config import DataConfig, DiffusionConfig, SimulateConfig, TrainConfig
+from collafuse.common.config import DataConfig, DiffusionConfig, SimulateConfig, TrainConfig
 from collafuse.datasets import load_federated
 from collafuse.evaluation.attacks import nearest_mse
 from collafuse.evaluation.kid import InceptionFeatures, kernel_distance
@@ -107,7 +107,7 @@ def _finished(cfg: SweepConfig, folder: Path) -> bool:
 
 def _train_and_generate(cfg: SweepConfig, run: Run, folder: Path, say: Callable[[str], None]) -> None:
     if cfg.in_process:
-        from collafuse.tools.simulate import run_simulation
+        from collafuse.engine.simulate import run_simulation
 
         run_simulation(
             SimulateConfig(
@@ -119,7 +119,7 @@ def _train_and_generate(cfg: SweepConfig, run: Run, folder: Path, say: Callable[
             folder,
         )
         return
-    from collafuse.tools.demo import DemoConfig, run_demo
+    from collafuse.system.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=folder, clients=cfg.clients, cut_ratios=(run.cut_ratio,), steps=cfg.steps, batch_size=cfg.batch_size,
                         image_size=cfg.image_size, samples=cfg.samples, client_model=cfg.client_model, cut_noise=run.cut_noise,

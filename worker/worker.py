@@ -22,16 +22,16 @@ import numpy as np
 import torch
 import zmq
 
-from collafuse.config import DiffusionConfig, SamplerConfig, WorkerConfig
-from collafuse.core.checkpoint import flatten_optimizer, load_checkpoint, load_optimizer, save_checkpoint
-from collafuse.core.models import resolve_device
-from collafuse.core.sampler import SampleJob
-from collafuse.core.split import ServerMessage
-from collafuse.evaluation.energy import PhaseEnergy
-from collafuse.lifecycle import Stoppable
+from collafuse.common.config import DiffusionConfig, SamplerConfig, WorkerConfig
+from collafuse.engine.checkpoint import flatten_optimizer, load_checkpoint, load_optimizer, save_checkpoint
+from collafuse.diffusion.models import resolve_device
+from collafuse.engine.sampler import SampleJob
+from collafuse.diffusion.split import ServerMessage
+from collafuse.common.energy import PhaseEnergy
+from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
-from collafuse.worker.party import ServerParty
+from collafuse.engine.server import ServerParty
 
 log = logging.getLogger("collafuse.worker")
 

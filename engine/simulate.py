@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from collafuse.config import SimulateConfig
-from collafuse.core.checkpoint import load_checkpoint, save_checkpoint
-from collafuse.core.cutnoise import CutNoise, load_secret
-from collafuse.core.models import parameter_count, resolve_device
+from collafuse.common.config import SimulateConfig
+from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.diffusion.cutnoise import CutNoise, load_secret
+from collafuse.diffusion.models import parameter_count, resolve_device
 from collafuse.datasets import load_federated
-from collafuse.evaluation.energy import PhaseEnergy
-from collafuse.node.party import ClientParty, client_seed
-from collafuse.tools.images import save_grid
-from collafuse.tools.progress import Progress
-from collafuse.worker.party import ServerParty
+from collafuse.common.energy import PhaseEnergy
+from collafuse.engine.client import ClientParty, client_seed
+from collafuse.datasets.images import save_grid
+from collafuse.common.progress import Progress
+from collafuse.engine.server import ServerParty
 
 SAMPLE_SEED = 1234
 

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from collafuse.cli.options import fail, parse_ratios
+
 app = typer.Typer(
     help="CollaFuse: collaborative split diffusion. Edge nodes keep their data and the last "
     "denoising steps; a shared server model does the noisy first steps for everybody.",
@@ -26,23 +28,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log connec
     import logging
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def fail(message: str, code: int = 2) -> None:
-    """A one-line error for the user, no traceback."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def parse_ratios(text: str) -> tuple[float, ...]:
-    try:
-        ratios = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        fail(f"cut ratios must be numbers, got {text!r}")
-    for r in ratios:
-        if not 0.0 <= r <= 1.0:
-            fail(f"cut ratio must lie in [0, 1], got {r}")
-    return ratios
 
 
 @app.command()
@@ -68,9 +53,9 @@ def simulate(
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints."),
 ) -> None:
     """Run every party in one process, with the distributed system's exact math."""
-    from collafuse.config import DataConfig, DiffusionConfig, SamplerConfig, SimulateConfig, TrainConfig
+    from collafuse.common.config import DataConfig, DiffusionConfig, SamplerConfig, SimulateConfig, TrainConfig
     from collafuse.datasets import DataError
-    from collafuse.tools.simulate import run_simulation
+    from collafuse.engine.simulate import run_simulation
 
     try:
         config = SimulateConfig(
@@ -118,7 +103,7 @@ def broker(
     import zmq
 
     from collafuse.broker.broker import Broker
-    from collafuse.config import BrokerConfig, HeartbeatConfig, ProtocolLimits
+    from collafuse.common.config import BrokerConfig, HeartbeatConfig, ProtocolLimits
 
     config = BrokerConfig(
         frontend=frontend,
@@ -165,7 +150,7 @@ def worker(
     levels: int = LEVELS,
 ) -> None:
     """Serve the shared server model: batched training and continuous-batching denoising."""
-    from collafuse.config import HeartbeatConfig, ProtocolLimits, TrainConfig, WorkerConfig
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits, TrainConfig, WorkerConfig
     from collafuse.worker.worker import Worker
 
     config = WorkerConfig(
@@ -192,7 +177,7 @@ def status(
     """Show the broker's queues, in-flight jobs, workers and per-client counts."""
     import json
 
-    from collafuse.node.link import fetch_status
+    from collafuse.protocol.admin import fetch_status
 
     try:
         st = fetch_status(broker)
@@ -224,8 +209,8 @@ def up(
     import signal
     import time
 
-    from collafuse.tools.demo import start_server_side
-    from collafuse.tools.launch import Fleet
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.launch import Fleet
 
     fleet = Fleet(state / "logs")
     stop = {"now": False}
@@ -263,7 +248,7 @@ def demo(
     lockstep: bool = typer.Option(True, "--lockstep/--async", help="Lockstep: nodes wait for the server (which shares this CPU) so it trains on every step's rows. Async: nodes never wait and skip messages while their window is full, as on a real deployment with a GPU server."),
 ) -> None:
     """Broker, worker and nodes as separate processes on loopback: train, generate, report."""
-    from collafuse.tools.demo import DemoConfig, run_demo
+    from collafuse.system.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, clients=clients, cut_ratios=parse_ratios(cut_ratio), steps=steps, batch_size=batch_size,
                      image_size=image_size, samples=samples, client_model=client_model, server_model=server_model,
@@ -300,8 +285,8 @@ def loadtest(
     import json
     import tempfile
 
-    from collafuse.tools.demo import start_server_side
-    from collafuse.tools.launch import Fleet
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.launch import Fleet
     from collafuse.tools.loadtest import LoadConfig, run_load
 
     fleet = None

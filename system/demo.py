@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from collafuse.node.link import fetch_status
-from collafuse.tools.launch import Fleet, cli, free_port, wait_for
+from collafuse.protocol.admin import fetch_status
+from collafuse.system.launch import Fleet, cli, free_port, wait_for
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
                 "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
                 "--model", cfg.client_model, "--state", str(out / name), "--cut-noise", cfg.cut_noise, *common,
                 *(["--lockstep"] if cfg.lockstep else []),
-                module="collafuse.node.cli"))
+                module="collafuse.cli.node"))
         next_report = 0.0
         while any(fleet.alive(n) for n in names):
             if time.monotonic() >= next_report:
@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
             fleet.start(f"{name}-generate", cli(
                 "generate", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--n", str(cfg.samples),
                 "--out", str(out / name / "samples"), "--state", str(out / name), "--model", cfg.client_model,
-                "--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(1234 + i), module="collafuse.node.cli"))
+                "--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(1234 + i), module="collafuse.cli.node"))
         for name in names:
             if fleet.wait(f"{name}-generate", 900) != 0:
                 raise RuntimeError(f"generation for {name} failed:\n{fleet.tail(name + '-generate')}")
@@ -119,9 +119,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
 def write_report(cfg: DemoConfig, names: list[str], ratios: list[float], status: dict, seconds: float) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from collafuse.config import DataConfig
+    from collafuse.common.config import DataConfig
     from collafuse.datasets import load_federated
-    from collafuse.tools.images import save_grid
+    from collafuse.datasets.images import save_grid
 
     report = cfg.out / "report"
     report.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from collafuse.cli import fail
+from collafuse.cli.options import fail
 
 app = typer.Typer(
     help="CollaFuse edge node: keeps its private data and its local model, and sends the server only "
@@ -41,7 +41,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log connec
 
 
 def _config(**kw):
-    from collafuse.config import DataConfig, HeartbeatConfig, NodeConfig, ProtocolLimits, TrainConfig
+    from collafuse.common.config import DataConfig, HeartbeatConfig, NodeConfig, ProtocolLimits, TrainConfig
 
     heartbeat = HeartbeatConfig(kw.pop("heartbeat_interval", 1.0), kw.pop("heartbeat_liveness", 10))
     data = DataConfig(spec=kw.pop("data"), image_size=kw.pop("image_size"), seed=kw["seed"], clients=kw["shards"])
@@ -82,7 +82,7 @@ def join(
     """Train the local model on levels 1..t_c and stream server-training messages to the broker."""
     from collafuse.datasets import DataError
     from collafuse.node.join import Join
-    from collafuse.node.link import BrokerRefused
+    from collafuse.protocol.link import BrokerRefused
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data=data, shard=shard, shards=shards, image_size=image_size,
@@ -122,9 +122,9 @@ def generate(
     heartbeat_liveness: int = HB_LIVENESS,
 ) -> None:
     """Generate images: the server denoises T -> t_c through the broker, this node finishes t_c -> 0."""
-    from collafuse.config import SamplerConfig
+    from collafuse.common.config import SamplerConfig
     from collafuse.node.generate import run_generate
-    from collafuse.node.link import BrokerRefused
+    from collafuse.protocol.link import BrokerRefused
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data="mni", shard=shard, shards=shards, image_size=image_size,

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collafuse.core.graphs import Forward
-from collafuse.core.noise import row_keys, row_noise
-from collafuse.core.schedule import Scheduler
+from collafuse.engine.graphs import Forward
+from collafuse.diffusion.noise import row_keys, row_noise
+from collafuse.diffusion.schedule import Scheduler
 
 _STREAM_START, _STREAM_STEP = 1, 2
 

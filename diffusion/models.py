@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
-from collafuse.config import ModelPreset, preset  # noqa: E402
+from collafuse.common.config import ModelPreset, preset  # noqa: E402
 
 
 def build_unet(preset_name: str, image_size: int, conditioned_on_cut: bool, channels: int = 1) -> UNet2DModel:

@@ -11,13 +11,13 @@ import contextlib
 
 import torch
 
-from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
-from collafuse.core.graphs import Forward, GraphedForward
-from collafuse.core.models import build_unet
-from collafuse.core.optim import apply_loss
-from collafuse.core.sampler import BatchedSampler, SampleJob
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import ServerMessage, server_loss
+from collafuse.common.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.engine.graphs import Forward, GraphedForward
+from collafuse.diffusion.models import build_unet
+from collafuse.engine.optim import apply_loss
+from collafuse.engine.sampler import BatchedSampler, SampleJob
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import ServerMessage, server_loss
 
 SERVER_STREAM = 0
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from collafuse.config import DiffusionConfig, SamplerConfig, TrainConfig
-from collafuse.core.cutnoise import CutNoise, image_ids
-from collafuse.core.models import build_unet
-from collafuse.core.optim import apply_loss
-from collafuse.core.sampler import BatchedSampler, SampleJob
-from collafuse.core.schedule import Scheduler
-from collafuse.core.split import ServerMessage, client_loss, cut_image, server_message
+from collafuse.common.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.diffusion.cutnoise import CutNoise, image_ids
+from collafuse.diffusion.models import build_unet
+from collafuse.engine.optim import apply_loss
+from collafuse.engine.sampler import BatchedSampler, SampleJob
+from collafuse.diffusion.schedule import Scheduler
+from collafuse.diffusion.split import ServerMessage, client_loss, cut_image, server_message
 
 CLIENT_STREAM = 1  # the client's sampler noise, distinct from the server's (stream 0)
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from collafuse.config import DiffusionConfig, SamplerConfig
+from collafuse.common.config import DiffusionConfig, SamplerConfig
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

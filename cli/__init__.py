@@ -1,0 +1,1 @@
+"""The command lines: `collafuse` (main.py) and `collafuse-node` (node.py)."""

@@ -1,1 +1,0 @@
-"""The split-diffusion core: schedule, noising, losses, samplers, models, checkpoints."""
