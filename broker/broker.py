@@ -8,16 +8,27 @@ copy). State is explicit and lives in this module:
 - per worker: credit in rows per kind, the jobs it holds, when it was last heard from;
 - dispatch: round robin over (client, kind) queues, one job per turn, only to a worker whose credit
   covers the job's rows; train jobs go to the one active trainer;
+- exactly one final reply per accepted job: the worker's, or the broker's own error when no live
+  worker can ever take the job, none could for `no_worker_wait`, a worker held it past
+  `job_timeout`, or the worker's reply was invalid;
 - heartbeats both ways; a worker silent for interval × liveness is dead and its jobs go back to the
   front of their queues. A reply from a worker a job is no longer assigned to is dropped, so no job
   is answered twice. Retried job ids are idempotent: in flight → ignored; recently answered →
-  the cached reply is sent again.
+  the cached reply is sent again; the same id with different content → `conflict`;
+- bounded memory: clients idle for `client_idle_expiry` are forgotten, names, queued bytes and
+  cached replies are capped;
+- trust (with a key folder): CURVE on both sockets; the key each message carries must hold the role
+  the message needs (node: hello and jobs; admin: status; worker: the backend; trainer: training),
+  re-checked every message, so removing a key file revokes it without a restart; a client name is
+  bound to the first key that said hello with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +37,21 @@ import zmq
 
 from collafuse.common.config import BrokerConfig
 from collafuse.common.lifecycle import Stoppable
-from collafuse.protocol import tensors, wire
+from collafuse.protocol import security, tensors, wire
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger("collafuse.broker")
 KINDS = ("train", "denoise")
+NODE_ROLE = {"hello": "node", "heartbeat": "node", "train": "node", "denoise": "node", "status": "admin"}  # message → role it needs
+
+
+def digest(frames: list[zmq.Frame]) -> bytes:
+    """What a job id stands for: a re-send under the same id must be this exact request."""
+    h = hashlib.blake2b(digest_size=16)
+    for frame in frames:
+        h.update(len(frame.buffer).to_bytes(8, "little"))
+        h.update(frame.buffer)
+    return h.digest()
 
 
 @dataclass
@@ -41,8 +62,13 @@ class Job:
     rows: int
     frames: list[zmq.Frame]  # envelope (+ tensors), forwarded untouched
     received: float
-    worker: bytes | None = None
-    attempts: int = 0
+    digest: bytes
+    worker: bytes | None = None  # the worker holding it; None while queued
+    dispatched: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(f.buffer) for f in self.frames)
 
 
 @dataclass
@@ -50,9 +76,10 @@ class ClientState:
     name: str
     route: bytes
     image_shape: tuple[int, int, int]
+    last_seen: float
     queues: dict[str, deque[Job]] = field(default_factory=lambda: {k: deque() for k in KINDS})
-    replies: OrderedDict[str, list[zmq.Frame]] = field(default_factory=OrderedDict)
-    counts: dict[str, int] = field(default_factory=lambda: {"submitted": 0, "completed": 0, "errors": 0, "busy": 0, "in_flight": 0})
+    replies: OrderedDict[str, tuple[bytes, list[zmq.Frame]]] = field(default_factory=OrderedDict)  # job → (digest, reply)
+    counts: dict[str, int] = field(default_factory=lambda: {"submitted": 0, "completed": 0, "errors": 0, "busy": 0})
 
     def queued(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -80,19 +107,29 @@ class Broker(Stoppable):
         self.config = config
         self.limits = config.limits
         self.ctx = context or zmq.Context.instance()
+        self.keys = security.KeyStore(Path(config.keys)) if config.keys else None
+        self.authenticator = self.keys.authenticator(self.ctx) if self.keys else None
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
-        for sock in (self.frontend, self.backend):
+        for sock, domain in ((self.frontend, security.FRONTEND), (self.backend, security.BACKEND)):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
             # A transport-level cap far above any valid message: beyond it ZeroMQ drops the peer.
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_frame_bytes)
+            if self.keys:
+                self.keys.serve(sock, domain)
         self.frontend.bind(config.frontend)
         self.backend.bind(config.backend)
+        self.owners: dict[str, str] = {}  # client name → the key (z85) that first said hello with it
+        self.names_per_key: dict[str, int] = {}
         self.clients: dict[str, ClientState] = {}
+        self.routes: OrderedDict[bytes, str] = OrderedDict()  # node connection → the client it said hello as (LRU, capped)
         self.workers: dict[bytes, WorkerState] = {}
-        self.jobs: dict[tuple[str, str], Job] = {}
+        self.jobs: dict[tuple[str, str], Job] = {}  # every accepted, unanswered job, queued or held by a worker
         self.turns: deque[tuple[str, str]] = deque()  # (client, kind) with queued jobs, round robin
+        self.queued_bytes = 0
+        self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
+        self.cached_bytes = 0
         self.trainer: bytes | None = None
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
@@ -132,6 +169,18 @@ class Broker(Stoppable):
     def close(self) -> None:
         self.frontend.close(0)
         self.backend.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+
+    def forbidden(self, frame: zmq.Frame, role: str) -> str | None:
+        """Why the key that sent this frame may not act as `role` (None: it may, or no keys are in use)."""
+        if self.keys is None:
+            return None
+        key = security.user_id(frame)
+        if role in self.keys.roles(key):
+            return None
+        name = self.keys.names.get(key)
+        return f"key {name or key[:8] + '…'} is not allowed as {role}" + (" (revoked?)" if not name else "")
 
     # ---- nodes ------------------------------------------------------------------------------
     def reply_node(self, route: bytes, frames: list[Any]) -> None:
@@ -155,46 +204,90 @@ class Broker(Stoppable):
             self.node_error(route, exc)
             return
         kind = env["type"]
+        why = self.forbidden(frames[0], NODE_ROLE.get(kind, "node"))
+        if why:
+            self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, why, wire.job_of(env)))
+            return
         if kind == "hello":
-            self.on_hello(route, env)
+            self.on_hello(route, env, security.user_id(frames[0]))
         elif kind == "heartbeat":
-            self.reply_node(route, [wire.encode("heartbeat")])
+            self.on_node_heartbeat(route)
         elif kind == "status":
             self.reply_node(route, [wire.encode("status_reply", status=self.status())])
         elif kind in KINDS:
             self.on_job(route, env, frames)
         else:
-            self.node_error(route, ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a node may not send {kind!r}", env.get("job", "")))
+            self.node_error(route, ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a node may not send {kind!r}", wire.job_of(env)))
 
-    def on_hello(self, route: bytes, env: dict) -> None:
+    def on_node_heartbeat(self, route: bytes) -> None:
+        """Answer a node's heartbeat; `not_joined` from a connection that never said hello here
+        (e.g. after a broker restart), so that its link says hello and re-sends at once."""
+        name = self.routes.get(route)
+        client = self.clients.get(name) if name is not None else None
+        if client is None:
+            self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, "this broker does not know this connection: send hello"))
+            return
+        client.last_seen = time.monotonic()
+        self.routes.move_to_end(route)
+        self.reply_node(route, [wire.encode("heartbeat")])
+
+    def on_hello(self, route: bytes, env: dict, key: str) -> None:
         shape = tuple(env["image_shape"])
-        if (self.model_shape and shape != self.model_shape) or (self.levels and env["levels"] != self.levels):
+        if self.keys is not None and not self.bind_name(env["client"], key):
+            self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, f"client name {env['client']!r} belongs to another key, or this key has bound {self.config.max_names_per_key} names"))
+            return
+        if self.model_shape is None:
+            self.node_error(route, ProtocolError(ErrorCode.UNAVAILABLE, "no worker has registered yet, so the server's image shape is unknown; retry"))
+            return
+        if shape != self.model_shape or env["levels"] != self.levels:
             self.node_error(
                 route,
-                ProtocolError(ErrorCode.INCOMPATIBLE, f"server model takes images {list(self.model_shape or ())} with T={self.levels}; node has {list(shape)} with T={env['levels']}"),
+                ProtocolError(ErrorCode.INCOMPATIBLE, f"server model takes images {list(self.model_shape)} with T={self.levels}; node has {list(shape)} with T={env['levels']}"),
             )
             return
+        now = time.monotonic()
         client = self.clients.get(env["client"])
         if client is None:
-            client = self.clients[env["client"]] = ClientState(env["client"], route, shape)  # type: ignore[arg-type]
-        client.route, client.image_shape = route, shape  # type: ignore[assignment]
+            if len(self.clients) >= self.config.max_clients:
+                self.expire_idle(now)
+            if len(self.clients) >= self.config.max_clients:
+                self.node_error(route, ProtocolError(ErrorCode.BUSY, f"this broker serves {self.config.max_clients} clients at most; retry later"))
+                return
+            client = self.clients[env["client"]] = ClientState(env["client"], route, shape, now)  # type: ignore[arg-type]
+        client.route, client.last_seen = route, now
+        self.routes[route] = client.name
+        self.routes.move_to_end(route)
+        while len(self.routes) > 4 * self.config.max_clients:
+            self.routes.popitem(last=False)  # an evicted live node gets not_joined and says hello again
         self.reply_node(
             route,
             [
                 wire.encode(
                     "welcome",
                     image_shape=list(shape),
-                    levels=self.levels or env["levels"],
-                    max_rows=self.max_job_rows(),
+                    levels=self.levels,
+                    max_rows=self.max_job_rows("denoise"),
                     max_frame_bytes=self.limits.max_frame_bytes,
                     heartbeat_interval=self.config.heartbeat.interval,
                 )
             ],
         )
 
-    def max_job_rows(self) -> int:
-        """The largest job any live worker can take at once (its full credit)."""
-        credits = [w.max_credit["denoise"] for w in self.workers.values()]
+    def bind_name(self, name: str, key: str) -> bool:
+        """A client name is the key's that first said hello with it; whether `key` may use it."""
+        owner = self.owners.get(name)
+        if owner is not None:
+            return owner == key
+        if self.names_per_key.get(key, 0) >= self.config.max_names_per_key:
+            return False
+        self.owners[name] = key
+        self.names_per_key[key] = self.names_per_key.get(key, 0) + 1
+        return True
+
+    def max_job_rows(self, kind: str) -> int:
+        """The largest job of this kind a live worker can take at once (its full credit); the
+        protocol's limit while no such worker is registered."""
+        credits = [w.max_credit[kind] for w in self.workers.values() if w.max_credit[kind] > 0]
         return max(1, min(self.limits.max_rows, max(credits) if credits else self.limits.max_rows))
 
     def on_job(self, route: bytes, env: dict, frames: list[zmq.Frame]) -> None:
@@ -203,56 +296,104 @@ class Broker(Stoppable):
         if client is None:
             self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, f"client {env['client']!r} must send hello first", job_id))
             return
-        client.route = route
-        key = (client.name, job_id)
-        if key in self.jobs:
+        if self.keys is not None and self.owners.get(client.name) != security.user_id(frames[0]):
+            self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, f"client name {client.name!r} belongs to another key", job_id))
+            return
+        client.route, client.last_seen = route, time.monotonic()
+        key, sent = (client.name, job_id), digest(frames)
+        held = self.jobs.get(key)
+        cached = client.replies.get(job_id)
+        if (held is not None and held.digest != sent) or (cached is not None and cached[0] != sent):
+            self.node_error(route, ProtocolError(ErrorCode.CONFLICT, f"job id {job_id!r} was used for a different request", job_id), client)
+            return
+        if held is not None:
             return  # a retry of a job we hold: its one reply will come
-        if job_id in client.replies:
-            self.reply_node(route, client.replies[job_id])  # a retry of a job already answered
+        if cached is not None:
+            self.reply_node(route, cached[1])  # a retry of a job already answered
             return
         try:
-            spec = wire.tensor_spec(env, client.image_shape)
-            if spec is None and len(frames) == 2:
-                raise ProtocolError(ErrorCode.BAD_TENSOR, f"{kind} carries no tensor frame", job_id)
-            if spec is not None:
-                if len(frames) != 2:
-                    raise ProtocolError(ErrorCode.BAD_TENSOR, f"{kind} needs a tensor frame", job_id)
-                try:
-                    tensors.check(frames[1].buffer, spec, self.limits.max_frame_bytes)
-                except ProtocolError as exc:
-                    exc.job = job_id
-                    raise
-            rows = env["rows"] if kind == "train" else env["count"]
-            if kind == "denoise" and rows > self.max_job_rows():
-                raise ProtocolError(ErrorCode.TOO_LARGE, f"denoise count {rows} exceeds the {self.max_job_rows()} rows a worker takes at once", job_id)
-            if client.queued() >= self.config.max_queue_per_client:
-                client.counts["busy"] += 1
-                raise ProtocolError(ErrorCode.BUSY, f"queue of {client.name} is full ({self.config.max_queue_per_client} jobs); retry later", job_id)
+            rows = self.check_job(client, env, frames)
         except ProtocolError as exc:
             self.node_error(route, exc, client)
             return
-        job = Job(client.name, job_id, kind, rows, frames, time.monotonic())
+        job = Job(client.name, job_id, kind, rows, frames, time.monotonic(), sent)
         self.jobs[key] = job
         client.counts["submitted"] += 1
         self.enqueue(job)
 
+    def check_job(self, client: ClientState, env: dict, frames: list[zmq.Frame]) -> int:
+        """The job's rows, after checking its tensor frame against the envelope and its size
+        against what workers and queues can take; raises ProtocolError."""
+        kind, job_id = env["type"], env["job"]
+        spec = wire.tensor_spec(env, client.image_shape)
+        if spec is None and len(frames) == 2:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"{kind} carries no tensor frame", job_id)
+        if spec is not None:
+            if len(frames) != 2:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"{kind} needs a tensor frame", job_id)
+            try:
+                tensors.check(frames[1].buffer, spec, self.limits.max_frame_bytes)
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, exc.reason, job_id) from None
+        rows = env["rows"] if kind == "train" else env["count"]
+        if rows > self.max_job_rows(kind):
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{kind} of {rows} rows exceeds the {self.max_job_rows(kind)} rows a worker takes at once", job_id)
+        size = sum(len(f.buffer) for f in frames)
+        if client.queued() >= self.config.max_queue_per_client or self.queued_bytes + size > self.config.max_queued_bytes:
+            client.counts["busy"] += 1
+            raise ProtocolError(ErrorCode.BUSY, f"queue of {client.name} (or the broker's) is full; retry later", job_id)
+        return rows
+
     def enqueue(self, job: Job, front: bool = False) -> None:
         queue = self.clients[job.client].queues[job.kind]
         queue.appendleft(job) if front else queue.append(job)
+        self.queued_bytes += job.nbytes
         if (job.client, job.kind) not in self.turns:
             self.turns.append((job.client, job.kind))
 
+    def answer(self, job: Job, frames: list[Any], failed: bool) -> None:
+        """The job's one final reply: sent, counted, cached for retries of its id."""
+        del self.jobs[(job.client, job.job_id)]
+        client = self.clients[job.client]
+        client.counts["errors" if failed else "completed"] += 1
+        client.last_seen = time.monotonic()
+        client.replies[job.job_id] = (job.digest, frames)
+        size = sum(len(f.buffer) if isinstance(f, zmq.Frame) else len(f) for f in frames)
+        self.cached[(job.client, job.job_id)] = size
+        self.cached_bytes += size
+        while len(client.replies) > self.config.reply_cache_per_client:
+            self.forget_reply(job.client, next(iter(client.replies)))
+        while self.cached_bytes > self.config.reply_cache_bytes:
+            self.forget_reply(*next(iter(self.cached)))
+        self.reply_node(client.route, frames)
+
+    def fail(self, job: Job, code: str, reason: str) -> None:
+        self.answer(job, [wire.error(job.job_id, code, reason)], failed=True)
+
+    def forget_reply(self, client: str, job_id: str) -> None:
+        self.cached_bytes -= self.cached.pop((client, job_id))
+        self.clients[client].replies.pop(job_id)
+
     # ---- workers ----------------------------------------------------------------------------
     def on_worker(self, route: bytes, frames: list[zmq.Frame]) -> None:
-        try:
-            env = wire.decode(frames[0].buffer, self.limits)
-        except ProtocolError as exc:
-            log.warning("bad message from worker: %s", exc)
-            return
         worker = self.workers.get(route)
         if worker is not None:
             worker.last_seen = time.monotonic()
+        try:
+            env = wire.decode(frames[0].buffer, self.limits)
+        except ProtocolError as exc:
+            log.warning("bad message from worker %s: %s", worker.name if worker else "?", exc)
+            if worker is not None:
+                self.on_invalid_reply(worker, wire.loose_decode(frames[0].buffer, self.limits), exc)
+            return
         kind = env["type"]
+        training = (kind == "ready" and env["trainer"]) or (route == self.trainer and kind != "ready")
+        why = self.forbidden(frames[0], "trainer" if training else "worker")
+        if why:
+            if worker is not None:
+                self.remove_worker(worker, why)
+            self.backend.send_multipart([route, wire.error("", ErrorCode.FORBIDDEN, why)])
+            return
         if kind == "ready":
             self.on_ready(route, env)
         elif worker is None:
@@ -261,7 +402,7 @@ class Broker(Stoppable):
         elif kind == "heartbeat":
             if isinstance(env.get("stats"), dict):
                 worker.stats = env["stats"]
-        elif kind in ("ack", "result", "error"):
+        elif kind in wire.REPLIES:
             self.on_reply(worker, env, frames)
         elif kind in wire.RELAYED and route == self.trainer and len(frames) == 2:
             if env["part"] == 0:
@@ -294,22 +435,49 @@ class Broker(Stoppable):
                     self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")
 
-    def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
-        key = (env.get("client", ""), env.get("job", ""))
+    def release(self, worker: WorkerState, key: tuple[str, str]) -> Job | None:
+        """The job this worker held under `key`, its credit returned; None if it held none."""
         job = worker.jobs.pop(key, None)
+        if job is not None:
+            worker.credit[job.kind] += job.rows
+        return job
+
+    def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
+        key = (env["client"], env["job"])
+        job = self.release(worker, key)
         if job is None or self.jobs.get(key) is not job:
             log.info("dropping a late or duplicate reply for %s from %s", key, worker.name)
             return
-        worker.credit[job.kind] += job.rows
+        problem = self.reply_problem(job, env, frames)
+        if problem:
+            self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
+            return
         worker.completed += 1
-        del self.jobs[key]
-        client = self.clients[job.client]
-        client.counts["in_flight"] -= 1
-        client.counts["errors" if env["type"] == "error" else "completed"] += 1
-        client.replies[job.job_id] = frames
-        while len(client.replies) > self.config.reply_cache_per_client:
-            client.replies.popitem(last=False)
-        self.reply_node(client.route, frames)
+        self.answer(job, frames, failed=env["type"] == "error")
+
+    def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
+        """Why a worker's reply cannot be this job's answer (None: it can)."""
+        expected = {"train": "ack", "denoise": "result"}[job.kind]
+        if env["type"] not in (expected, "error"):
+            return f"{env['type']} for a {job.kind} job"
+        spec = wire.tensor_spec(env, self.model_shape or (1, 1, 1))
+        if env["type"] == "result" and env["count"] != job.rows:
+            return f"{env['count']} rows for a job of {job.rows}"
+        if (spec is None) != (len(frames) == 1):
+            return "tensor frame missing or unexpected"
+        if spec is not None:
+            try:
+                tensors.check(frames[1].buffer, spec, self.limits.max_frame_bytes)
+            except ProtocolError as exc:
+                return exc.reason
+        return None
+
+    def on_invalid_reply(self, worker: WorkerState, loose: dict, exc: ProtocolError) -> None:
+        """A worker's reply that failed validation still ends its job: an error to the node."""
+        key = (loose.get("client", ""), loose.get("job", ""))
+        job = self.release(worker, key)
+        if job is not None and self.jobs.get(key) is job:
+            self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({exc.reason})")
 
     def remove_worker(self, worker: WorkerState, why: str) -> None:
         log.warning("worker %s removed (%s); re-queueing %d jobs", worker.name, why, len(worker.jobs))
@@ -321,17 +489,24 @@ class Broker(Stoppable):
     def requeue(self, worker: WorkerState) -> None:
         for job in sorted(worker.jobs.values(), key=lambda j: j.received, reverse=True):
             job.worker = None
-            self.clients[job.client].counts["in_flight"] -= 1
-            self.enqueue(job, front=True)
+            if self.jobs.get((job.client, job.job_id)) is job:  # not already answered (e.g. timed out)
+                self.enqueue(job, front=True)
         worker.jobs.clear()
 
-    # ---- dispatch and heartbeats ------------------------------------------------------------
+    # ---- dispatch, deadlines and heartbeats -------------------------------------------------
     def pick_worker(self, job: Job) -> WorkerState | None:
         if job.kind == "train":
             w = self.workers.get(self.trainer) if self.trainer else None
             return w if w is not None and w.credit["train"] >= job.rows else None
         best = max(self.workers.values(), key=lambda w: w.credit["denoise"], default=None)
         return best if best is not None and best.credit["denoise"] >= job.rows else None
+
+    def servable(self, job: Job) -> bool:
+        """Some live worker could take this job once its credit is back."""
+        if job.kind == "train":
+            w = self.workers.get(self.trainer) if self.trainer else None
+            return w is not None and w.max_credit["train"] >= job.rows
+        return any(w.max_credit["denoise"] >= job.rows for w in self.workers.values())
 
     def dispatch(self) -> None:
         """Round robin: the (client, kind) queue served last goes to the back of the line; a queue
@@ -345,17 +520,53 @@ class Broker(Stoppable):
                 worker = self.pick_worker(queue[0])
                 if worker is None:
                     continue
-                job = queue.popleft()
-                self.turns.remove(entry)
-                if queue:
-                    self.turns.append(entry)
-                job.worker, job.attempts = worker.route, job.attempts + 1
+                job = self.dequeue(entry)
+                job.worker, job.dispatched = worker.route, time.monotonic()
                 worker.credit[kind] -= job.rows
                 worker.jobs[(name, job.job_id)] = job
-                self.clients[name].counts["in_flight"] += 1
                 self.backend.send_multipart([worker.route, *job.frames], copy=False)
                 self.forwarded += 1
                 progress = True
+
+    def dequeue(self, entry: tuple[str, str]) -> Job:
+        """The head of this (client, kind) queue; the queue goes to the back of the turns."""
+        queue = self.clients[entry[0]].queues[entry[1]]
+        job = queue.popleft()
+        self.queued_bytes -= job.nbytes
+        self.turns.remove(entry)
+        if queue:
+            self.turns.append(entry)
+        return job
+
+    def enforce_deadlines(self, now: float) -> None:
+        """Answer the jobs that would otherwise wait forever: a queue head no live worker can take
+        (too large for every worker: at once; no worker at all: after `no_worker_wait`), and jobs a
+        worker has held past `job_timeout` (its late reply is then dropped)."""
+        for entry in list(self.turns):
+            queue = self.clients[entry[0]].queues[entry[1]]
+            head = queue[0]
+            if self.servable(head):
+                continue
+            if self.workers and (head.kind == "denoise" or self.trainer):
+                self.fail(self.dequeue(entry), ErrorCode.TOO_LARGE, f"{head.kind} of {head.rows} rows exceeds what every live worker takes at once")
+            elif now - head.received > self.config.no_worker_wait:
+                self.fail(self.dequeue(entry), ErrorCode.UNAVAILABLE, f"no worker could take this {head.kind} job for {self.config.no_worker_wait:.0f} s")
+        for worker in self.workers.values():
+            for job in list(worker.jobs.values()):
+                if self.jobs.get((job.client, job.job_id)) is job and now - job.dispatched > self.config.job_timeout:
+                    self.fail(job, ErrorCode.TIMEOUT, f"worker {worker.name} held this job for more than {self.config.job_timeout:.0f} s")
+
+    def expire_idle(self, now: float) -> None:
+        """Forget clients with nothing queued or in flight that have been silent too long."""
+        busy = {client for client, _ in self.jobs}
+        for name, client in list(self.clients.items()):
+            if name not in busy and now - client.last_seen > self.config.client_idle_expiry:
+                for job_id in list(client.replies):
+                    self.forget_reply(name, job_id)
+                del self.clients[name]
+        for route, name in list(self.routes.items()):
+            if name not in self.clients:
+                del self.routes[route]
 
     def heartbeat(self) -> None:
         now = time.monotonic()
@@ -368,13 +579,22 @@ class Broker(Stoppable):
                 self.remove_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
             else:
                 self.backend.send_multipart([worker.route, wire.encode("heartbeat")])
+        self.enforce_deadlines(now)
+        self.expire_idle(now)
+        if self.keys is not None:
+            self.keys.reload()
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        in_flight: dict[str, int] = {}
+        for worker in self.workers.values():
+            for client, _ in worker.jobs:
+                in_flight[client] = in_flight.get(client, 0) + 1
+        listed = list(self.clients.values())[: self.config.max_status_clients]
         return {
             "uptime_s": round(now - self.started, 1),
             "queued": sum(c.queued() for c in self.clients.values()),
-            "in_flight": sum(len(w.jobs) for w in self.workers.values()),
+            "in_flight": sum(in_flight.values()),
             "forwarded": self.forwarded,
             "weights_relayed": bool(self.relayed["weights"]),
             "workers": [
@@ -387,7 +607,8 @@ class Broker(Stoppable):
                     "last_seen_s": round(now - w.last_seen, 2),
                     "stats": w.stats,
                 }
-                for w in self.workers.values()
+                for w in list(self.workers.values())[: self.config.max_status_clients]
             ],
-            "clients": {c.name: {**c.counts, "queued": c.queued()} for c in self.clients.values()},
+            "clients_total": len(self.clients),
+            "clients": {c.name: {**c.counts, "queued": c.queued(), "in_flight": in_flight.get(c.name, 0)} for c in listed},
         }

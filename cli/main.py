@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from collafuse.cli.options import fail, parse_ratios
+from collafuse.cli.options import HB_INTERVAL, HB_LIVENESS, INSECURE, KEYS, LEVELS, MAX_FRAME, fail, key_folder, parse_ratios
+from collafuse.common.config import BrokerConfig
 
 app = typer.Typer(
     help="CollaFuse: collaborative split diffusion. Edge nodes keep their data and the last "
@@ -83,41 +84,53 @@ def simulate(
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'real.png'}, {out / 'checkpoints'}/")
 
 
-HB_INTERVAL = typer.Option(1.0, "--heartbeat-interval", min=0.01, help="Seconds between heartbeats.")
-HB_LIVENESS = typer.Option(5, "--heartbeat-liveness", min=1, help="Missed heartbeats before a peer counts as dead.")
-MAX_FRAME = typer.Option(64 * 1024 * 1024, "--max-frame-bytes", min=1024, help="Largest tensor frame accepted.")
-LEVELS = typer.Option(100, "--levels", help="T, the number of noise levels.")
 
 
 @app.command()
 def broker(
     frontend: str = typer.Option("tcp://127.0.0.1:5555", "--frontend", help="Address nodes connect to (bind)."),
     backend: str = typer.Option("tcp://127.0.0.1:5556", "--backend", help="Address workers connect to (bind)."),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
+    max_queue: int = typer.Option(BrokerConfig.max_queue_per_client, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
+    max_clients: int = typer.Option(BrokerConfig.max_clients, "--max-clients", min=1, help="Client names known at once; a hello beyond is answered 'busy'."),
+    client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
+    no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
+    job_timeout: float = typer.Option(BrokerConfig.job_timeout, "--job-timeout", min=0.0, help="Seconds a worker may hold a job; then it is answered 'timeout'."),
+    keys: Optional[Path] = KEYS,
+    insecure: bool = INSECURE,
     heartbeat_interval: float = HB_INTERVAL,
     heartbeat_liveness: int = HB_LIVENESS,
     max_frame_bytes: int = MAX_FRAME,
     levels: int = LEVELS,
 ) -> None:
-    """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats. No torch."""
+    """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats, one final
+    reply per accepted job within the bounds set below. No torch."""
     import zmq
 
     from collafuse.broker.broker import Broker
-    from collafuse.common.config import BrokerConfig, HeartbeatConfig, ProtocolLimits
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
 
     config = BrokerConfig(
         frontend=frontend,
         backend=backend,
+        keys=key_folder(keys, insecure),
         max_queue_per_client=max_queue,
+        max_clients=max_clients,
+        client_idle_expiry=client_idle_expiry,
+        no_worker_wait=no_worker_wait,
+        job_timeout=job_timeout,
         heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
         limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
     )
+    from collafuse.protocol.security import KeyFolderError
+
     try:
         b = Broker(config)
     except zmq.ZMQError as exc:
         fail(f"cannot bind {frontend} / {backend}: {exc}")
+    except KeyFolderError as exc:
+        fail(str(exc))
     b.install_signal_handlers()
-    typer.echo(f"broker: nodes -> {frontend}, workers -> {backend}", err=True)
+    typer.echo(f"broker: nodes -> {frontend}, workers -> {backend}" + (f", keys {keys}" if keys else ", plain TCP"), err=True)
     b.run()
     typer.echo("broker: stopped", err=True)
 
@@ -144,6 +157,8 @@ def worker(
         help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
     energy_report: str = typer.Option("", "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
+    keys: Optional[Path] = KEYS,
+    insecure: bool = INSECURE,
     heartbeat_interval: float = HB_INTERVAL,
     heartbeat_liveness: int = HB_LIVENESS,
     max_frame_bytes: int = MAX_FRAME,
@@ -153,15 +168,17 @@ def worker(
     from collafuse.common.config import HeartbeatConfig, ProtocolLimits, TrainConfig, WorkerConfig
     from collafuse.worker.worker import Worker
 
+    from collafuse.protocol.security import KeyFolderError
+
     config = WorkerConfig(
-        broker=broker, name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
+        broker=broker, keys=key_folder(keys, insecure), name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
         max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
         train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
     )
     try:
         w = Worker(config, seed=seed)
-    except ValueError as exc:
+    except (ValueError, KeyFolderError) as exc:
         fail(str(exc))
     w.install_signal_handlers()
     typer.echo(f"worker {name}: {model} model on {w.device}, max batch {max_batch}, broker {broker}", err=True)
@@ -173,15 +190,19 @@ def worker(
 def status(
     broker: str = typer.Option("tcp://127.0.0.1:5555", "--broker", help="The broker's frontend address."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+    keys: Optional[Path] = KEYS,
+    insecure: bool = INSECURE,
 ) -> None:
-    """Show the broker's queues, in-flight jobs, workers and per-client counts."""
+    """Show the broker's queues, in-flight jobs, workers and per-client counts (needs an admin key)."""
     import json
 
     from collafuse.protocol.admin import fetch_status
+    from collafuse.protocol.security import KeyFolderError, PeerKeys
 
+    folder = key_folder(keys, insecure)
     try:
-        st = fetch_status(broker)
-    except (TimeoutError, ConnectionError) as exc:
+        st = fetch_status(broker, keys=PeerKeys.load(Path(folder)) if folder else None)
+    except (TimeoutError, ConnectionError, KeyFolderError) as exc:
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(st, indent=2))
@@ -191,7 +212,7 @@ def status(
     for w in st["workers"]:
         role = " trainer" if w["trainer"] else ""
         typer.echo(f"  {w['name']:<12}{role:<8} credit denoise {w['credit']['denoise']:>4} train {w['credit']['train']:>4}  in flight {w['in_flight']:>3}  done {w['completed']:>6}  seen {w['last_seen_s']} s ago")
-    typer.echo(f"clients ({len(st['clients'])}):")
+    typer.echo(f"clients ({st['clients_total']}{', first ' + str(len(st['clients'])) + ' shown' if st['clients_total'] > len(st['clients']) else ''}):")
     for name, c in st["clients"].items():
         typer.echo(f"  {name:<12} queued {c['queued']:>3}  in flight {c['in_flight']:>3}  submitted {c['submitted']:>6}  completed {c['completed']:>6}  errors {c['errors']:>3}  busy {c['busy']:>3}")
 
@@ -203,24 +224,36 @@ def up(
     model: str = typer.Option("tiny", "--model", help="Server U-Net preset."),
     image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
-    state: Path = typer.Option(Path("collafuse-server"), "--state", help="Folder for logs and the server checkpoint."),
+    state: Path = typer.Option(Path("collafuse-server"), "--state", help="Folder for logs, keys (STATE/keys) and the server checkpoint."),
+    insecure: bool = INSECURE,
 ) -> None:
-    """Start a broker and workers on this machine and keep them running until Ctrl-C."""
+    """Start a broker and workers on this machine and keep them running until Ctrl-C. The broker's
+    keys and the workers' are made in STATE/keys on first start; add node keys with `collafuse keys add`."""
     import signal
     import time
 
     from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
 
+    keyring = Keyring(None if insecure else state / "keys")
+    if insecure:
+        key_folder(None, True)
     fleet = Fleet(state / "logs")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
         frontend, backend = start_server_side(
-            fleet, workers, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch)], state
+            fleet, workers, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch)], state,
+            keyring,
         )
         typer.echo(f"up: broker {frontend} (nodes) / {backend} (workers), {workers} worker(s); logs in {fleet.logs}")
-        typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {image_size}")
+        if keyring.folder is None:
+            typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {image_size} --insecure")
+        else:
+            typer.echo(f"     add a node: collafuse keys add NAME --role node --broker {keyring.broker} --out NAME-keys")
+            typer.echo(f"     join with:  collafuse-node join --broker {frontend} --name NAME --image-size {image_size} --keys NAME-keys")
+            typer.echo(f"     status:     collafuse status --broker {frontend} --keys {keyring.peer('admin', 'admin')}")
         while not stop["now"] and all(fleet.alive(n) for n in list(fleet.procs)):
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -246,13 +279,17 @@ def demo(
     device: str = typer.Option("auto", "--device", help="Device for the worker and nodes."),
     seed: int = typer.Option(0, "--seed", help="Seed for data shards and training."),
     lockstep: bool = typer.Option(True, "--lockstep/--async", help="Lockstep: nodes wait for the server (which shares this CPU) so it trains on every step's rows. Async: nodes never wait and skip messages while their window is full, as on a real deployment with a GPU server."),
+    insecure: bool = INSECURE,
 ) -> None:
-    """Broker, worker and nodes as separate processes on loopback: train, generate, report."""
+    """Broker, worker and nodes as separate processes on loopback: train, generate, report. Every
+    connection is encrypted and authenticated with keys made in OUT/keys (unless --insecure)."""
     from collafuse.system.demo import DemoConfig, run_demo
 
+    if insecure:
+        key_folder(None, True)
     cfg = DemoConfig(out=out, clients=clients, cut_ratios=parse_ratios(cut_ratio), steps=steps, batch_size=batch_size,
                      image_size=image_size, samples=samples, client_model=client_model, server_model=server_model,
-                     device=device, seed=seed, lockstep=lockstep)
+                     device=device, seed=seed, lockstep=lockstep, insecure=insecure)
     try:
         result = run_demo(cfg, say=lambda line: typer.echo(line, err=True))
     except (ValueError, RuntimeError, TimeoutError) as exc:
@@ -280,26 +317,39 @@ def loadtest(
     device: str = typer.Option("auto", "--device", help="For the worker started here."),
     drain: float = typer.Option(60.0, "--drain", min=0.0, help="Seconds outstanding jobs may take after the load ends."),
     json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="With --broker: a node key folder for the simulated clients (a broker started here makes its own keys)."),
+    admin_keys: Optional[Path] = typer.Option(None, "--admin-keys", help="With --broker: an admin key folder, to read the workers' counters (batch fill)."),
+    insecure: bool = INSECURE,
 ) -> None:
     """Load a broker with simulated clients; report jobs/s, image-steps/s, latency, batch fill, errors, lost jobs."""
     import json
     import tempfile
 
     from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
     from collafuse.tools.loadtest import LoadConfig, run_load
 
     fleet = None
     try:
         if not broker:
-            fleet = Fleet(Path(tempfile.mkdtemp(prefix="collafuse-loadtest-")) / "logs")
+            if keys or admin_keys:
+                fail("--keys and --admin-keys are for a running --broker; a broker started here makes its own keys")
+            here = Path(tempfile.mkdtemp(prefix="collafuse-loadtest-"))
+            keyring = Keyring(None if insecure else here / "keys")
+            fleet = Fleet(here / "logs")
             broker, _ = start_server_side(
                 fleet, 1, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch),
-                           "--queue-rows", str(max_batch), "--max-train-rows", str(max(max_batch, rows))], None)
+                           "--queue-rows", str(max_batch), "--max-train-rows", str(max(max_batch, rows))], None, keyring)
+            node_keys = str(keyring.peer("load", "node")) if keyring.folder else ""
+            admin_folder = str(keyring.peer("admin", "admin")) if keyring.folder else ""
             typer.echo(f"[loadtest] started a broker and a worker (logs in {fleet.logs})", err=True)
+        else:
+            node_keys = key_folder(keys, insecure)
+            admin_folder = str(admin_keys) if admin_keys else ""
         result = run_load(
             LoadConfig(broker=broker, clients=clients, duration=duration, mode=mode, image_size=image_size, rows=rows,
-                       ddim_steps=ddim_steps, drain=drain),
+                       ddim_steps=ddim_steps, drain=drain, keys=node_keys, admin_keys=admin_folder),
             say=lambda line: typer.echo(line, err=True),
         )
     except (ValueError, TimeoutError) as exc:
@@ -399,3 +449,55 @@ def audit(
 
 if __name__ == "__main__":
     app()
+
+
+keys_app = typer.Typer(
+    help="CURVE keys: the broker's key folder with one allow-list per role (node, admin, worker, trainer), and one key "
+    "folder per peer. Every connection is encrypted and authenticated; removing a key's file from the broker's folder "
+    "revokes it within a heartbeat, without a restart.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(folder: Path = typer.Argument(..., help="The broker's key folder to create.")) -> None:
+    """Create the broker's key pair and its empty allow-lists (nodes/, admins/, workers/, trainers/)."""
+    from collafuse.protocol.security import KeyFolderError, init_broker_keys
+
+    try:
+        init_broker_keys(folder)
+    except KeyFolderError as exc:
+        fail(str(exc))
+    typer.echo(f"broker keys in {folder}/ (broker.key_secret stays here; give peers broker.key via `collafuse keys add`)")
+
+
+@keys_app.command("add")
+def keys_add(
+    name: str = typer.Argument(..., help="The key's name (a node's key need not match its client name)."),
+    role: str = typer.Option(..., "--role", help="node (train and generate), admin (status), worker (denoise) or trainer (denoise and train)."),
+    broker_keys: Path = typer.Option(..., "--broker", help="The broker's key folder (from `collafuse keys init`)."),
+    out: Path = typer.Option(..., "--out", help="The peer's key folder to write: its key pair and the broker's public key; give it to the peer as --keys."),
+) -> None:
+    """Create a peer's key pair and allow it in the broker's folder for ROLE."""
+    from collafuse.protocol.security import KeyFolderError, add_peer_key
+
+    try:
+        add_peer_key(name, role, broker_keys, out)
+    except KeyFolderError as exc:
+        fail(str(exc))
+    typer.echo(f"{role} key {name} in {out}/ (allowed by {broker_keys}/{role}s/{name}.key)")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: str = typer.Argument(..., help="The key's name."),
+    broker_keys: Path = typer.Option(..., "--broker", help="The broker's key folder."),
+) -> None:
+    """Remove a key from every allow-list; a running broker refuses its next message."""
+    from collafuse.protocol.security import revoke
+
+    roles = revoke(name, broker_keys)
+    if not roles:
+        fail(f"no key named {name} in {broker_keys}")
+    typer.echo(f"revoked {name} ({', '.join(roles)})")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from collafuse.cli.options import fail
+from collafuse.cli.options import HB_INTERVAL, HB_LIVENESS, INSECURE, KEYS, LEVELS, fail, key_folder
 
 app = typer.Typer(
     help="CollaFuse edge node: keeps its private data and its local model, and sends the server only "
@@ -29,9 +30,6 @@ MODEL = typer.Option("tiny", "--model", help="Local U-Net preset: tiny, paper or
 STATE = typer.Option("", "--state", help="Folder for the local checkpoint and progress.json (default ./collafuse-node-NAME).")
 SEED = typer.Option(0, "--seed", help="Seed for the data shards and this node's training.")
 DEVICE = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda:N'.")
-LEVELS = typer.Option(100, "--levels", help="T, the number of noise levels (must match the server).")
-HB_INTERVAL = typer.Option(1.0, "--heartbeat-interval", min=0.01, help="Seconds between heartbeats to the broker.")
-HB_LIVENESS = typer.Option(10, "--heartbeat-liveness", min=1, help="Missed heartbeats before the node reconnects and re-sends.")
 
 
 @app.callback()
@@ -78,21 +76,24 @@ def join(
     levels: int = LEVELS,
     heartbeat_interval: float = HB_INTERVAL,
     heartbeat_liveness: int = HB_LIVENESS,
+    keys: Optional[Path] = KEYS,
+    insecure: bool = INSECURE,
 ) -> None:
     """Train the local model on levels 1..t_c and stream server-training messages to the broker."""
     from collafuse.datasets import DataError
     from collafuse.node.join import Join
     from collafuse.protocol.link import BrokerRefused
+    from collafuse.protocol.security import KeyFolderError
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data=data, shard=shard, shards=shards, image_size=image_size,
                       model=model, state=state, steps=steps, batch_size=batch_size, lr=lr, window=window, cut_noise=cut_noise,
                       checkpoint_every=checkpoint_every, seed=seed, device=device, levels=levels,
-                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness)
+                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness, keys=key_folder(keys, insecure))
         runner = Join(cfg, lockstep=lockstep)
         runner.install_signal_handlers()
         figures = runner.run()
-    except (DataError, ValueError, FileNotFoundError, TimeoutError, BrokerRefused) as exc:
+    except (DataError, ValueError, FileNotFoundError, TimeoutError, BrokerRefused, KeyFolderError) as exc:
         fail(str(exc))
     typer.echo(
         f"{name}: t_c={runner.party.t_c}, sent {figures['sent']} train jobs, {figures['acked']} acknowledged, "
@@ -120,18 +121,21 @@ def generate(
     levels: int = LEVELS,
     heartbeat_interval: float = HB_INTERVAL,
     heartbeat_liveness: int = HB_LIVENESS,
+    keys: Optional[Path] = KEYS,
+    insecure: bool = INSECURE,
 ) -> None:
     """Generate images: the server denoises T -> t_c through the broker, this node finishes t_c -> 0."""
     from collafuse.common.config import SamplerConfig
     from collafuse.node.generate import run_generate
     from collafuse.protocol.link import BrokerRefused
+    from collafuse.protocol.security import KeyFolderError
 
     try:
         cfg = _config(broker=broker, name=name, cut_ratio=cut_ratio, data="mni", shard=shard, shards=shards, image_size=image_size,
                       model=model, state=state, seed=0, device=device, levels=levels,
-                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness)
+                      heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness, keys=key_folder(keys, insecure))
         info = run_generate(cfg, n, out, seed, SamplerConfig(kind=sampler, ddim_steps=ddim_steps))
-    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError, BrokerRefused) as exc:
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError, BrokerRefused, KeyFolderError) as exc:
         fail(str(exc))
     typer.echo(f"{name}: {n} images (t_c={info['t_c']}, server part {info['server_seconds']} s, total {info['total_seconds']} s) in {out}/")
 

@@ -83,6 +83,13 @@ class TrainConfig:
     learning_rate: float = 1e-3
     batch_size: int = 32
     grad_clip: float = 1.0
+    # The server's guard against hostile rows (DESIGN.md §7): no client carries more than this share
+    # of one optimiser step (when enough clients share it), and a message whose loss is beyond
+    # max(floor, factor × the median of recent accepted messages' losses) is refused, not applied.
+    # An honest message's ε₂-prediction loss is about 1 at the start (predicting nothing) and falls.
+    max_client_share: float = 0.5
+    loss_bound_floor: float = 2.0
+    loss_bound_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,11 @@ class ProtocolLimits:
     max_rows: int = 1024  # rows (images) in one train or denoise job
     max_image_side: int = 512
     max_channels: int = 4
+    # What an honest node's training rows can hold (x_0 in [-1, 1], ε₂ ~ N(0, I)); beyond is hostile.
+    # |ε₂| > 8 has probability 1e-15 per value; x_t = a·x_{t_c} + b·ε₂ with a² + b² ≤ 1 stays within 1 + 8 + 3.
+    max_abs_eps: float = 8.0
+    max_abs_x_t: float = 12.0
+    eps_moment_se: float = 8.0  # each row's ε₂ mean and variance within this many standard errors of N(0, 1)'s
 
 
 @dataclass(frozen=True)
@@ -151,8 +163,19 @@ class HeartbeatConfig:
 class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"  # nodes connect here
     backend: str = "tcp://127.0.0.1:5556"  # workers connect here
+    keys: str = ""  # the broker's key folder (CURVE pair and allow-lists, `collafuse keys init`); '' = plain TCP
+    max_names_per_key: int = 4096  # client names one node key may bind (a name stays bound to the first key that used it)
     max_queue_per_client: int = 64  # jobs; a full queue answers "busy" at once
     reply_cache_per_client: int = 32  # recent final replies kept so a retried job id is answered, not redone
+    # Memory stays bounded whatever names and jobs peers invent (DESIGN.md §7):
+    max_clients: int = 4096  # names known at once; a hello beyond answers "busy"
+    client_idle_expiry: float = 300.0  # seconds without a message, job or reply after which a client is forgotten
+    max_queued_bytes: int = 1 << 30  # all clients' queued jobs together; beyond, "busy"
+    reply_cache_bytes: int = 256 << 20  # all clients' cached replies together; the oldest go first
+    max_status_clients: int = 128  # clients (and workers) listed in a status reply (the total is always given)
+    # Every accepted job gets one final reply within a bound (PROTOCOL.md):
+    no_worker_wait: float = 60.0  # a queued job that no live worker can take is answered "unavailable" after this
+    job_timeout: float = 900.0  # a job a worker holds longer than this is answered "timeout"
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 
@@ -160,6 +183,7 @@ class BrokerConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     broker: str = "tcp://127.0.0.1:5556"
+    keys: str = ""  # this worker's key folder (`collafuse keys add`); '' = plain TCP
     name: str = "worker"
     device: str = "auto"
     model: str = "tiny"
@@ -186,6 +210,7 @@ class NodeConfig:
     """One edge node (`collafuse-node join`)."""
 
     broker: str = "tcp://127.0.0.1:5555"
+    keys: str = ""  # this node's key folder (`collafuse keys add`); '' = plain TCP
     name: str = "node"
     cut_ratio: float = 0.6
     model: str = "tiny"

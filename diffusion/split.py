@@ -55,10 +55,10 @@ def recover_cut_image(scheduler: Scheduler, message: ServerMessage) -> torch.Ten
     return scheduler.remove_noise(message.x_t, message.eps, message.t, message.t_c)
 
 
-def server_loss(model: torch.nn.Module, message: ServerMessage) -> torch.Tensor:
-    """ε₂-prediction MSE; the server model is conditioned on t and on t_c."""
+def row_losses(model: torch.nn.Module, message: ServerMessage) -> torch.Tensor:
+    """ε₂-prediction MSE of each row [B]; the server model is conditioned on t and on t_c."""
     pred = model(message.x_t, message.t.to(message.x_t.device), class_labels=message.t_c.to(message.x_t.device)).sample
-    return F.mse_loss(pred, message.eps)
+    return F.mse_loss(pred, message.eps, reduction="none").flatten(1).mean(dim=1)
 
 
 def client_loss(

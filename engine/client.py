@@ -94,7 +94,10 @@ class ClientParty:
         self.model.train()
         loss = client_loss(self.model, self.scheduler, x0, self.t_c, self.generator)
         self.step += 1
-        return apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
+        value = apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
+        if value is None:
+            raise FloatingPointError(f"client {self.name}: non-finite gradient in the local step (the model was left unchanged)")
+        return value
 
     def server_message(self, batch: Batch) -> ServerMessage:
         """The privacy-correct training message for the server: x₀ → x_{t_c} with the secret cut

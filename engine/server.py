@@ -8,6 +8,9 @@ simulation both drive this object.
 from __future__ import annotations
 
 import contextlib
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,9 +20,34 @@ from collafuse.diffusion.models import build_unet
 from collafuse.engine.optim import apply_loss
 from collafuse.engine.sampler import BatchedSampler, SampleJob
 from collafuse.diffusion.schedule import Scheduler
-from collafuse.diffusion.split import ServerMessage, server_loss
+from collafuse.diffusion.split import ServerMessage, row_losses
 
 SERVER_STREAM = 0
+
+
+@dataclass
+class TrainOutcome:
+    """What one guarded optimiser step did with the messages it was given."""
+
+    loss: float | None  # the applied step's (weighted) loss; None: nothing was applied
+    refused: dict[int, str] = field(default_factory=dict)  # index of a message not applied → why
+
+
+def capped_shares(rows: dict[str, int], cap: float) -> dict[str, float]:
+    """Each owner's share of a step: proportional to its rows, but none above `cap` (what a capped
+    owner gives up goes to the others in proportion to theirs). With too few owners for the cap
+    (owners × cap < 1) the shares stay proportional."""
+    total = sum(rows.values())
+    if len(rows) * cap < 1:
+        return {o: n / total for o, n in rows.items()}
+    capped: set[str] = set()
+    while True:
+        free = sum(n for o, n in rows.items() if o not in capped)
+        shares = {o: cap if o in capped else (1 - cap * len(capped)) * n / free for o, n in rows.items()}
+        over = {o for o, s in shares.items() if o not in capped and s > cap}
+        if not over:
+            return shares
+        capped |= over
 
 
 class ServerParty:
@@ -47,6 +75,7 @@ class ServerParty:
         self.cuda_graphs = cuda_graphs
         self._graphed: dict[int, GraphedForward] = {}
         self.step = 0
+        self.accepted_losses: deque[float] = deque(maxlen=256)  # recent accepted messages' losses, for the bound
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_bf16:
@@ -55,19 +84,51 @@ class ServerParty:
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def train_step(self, messages: list[ServerMessage]) -> float:
-        """One optimiser step over the rows of all given messages (from any clients, any t_c)."""
+    def loss_bound(self) -> float:
+        """Messages whose loss is beyond this are refused (TrainConfig's floor and factor)."""
+        cfg = self.train_config
+        recent = statistics.median(self.accepted_losses) if self.accepted_losses else 0.0
+        return max(cfg.loss_bound_floor, cfg.loss_bound_factor * recent)
+
+    def train_step(self, messages: list[ServerMessage], owners: list[str] | None = None) -> TrainOutcome:
+        """One guarded optimiser step over the rows of the given messages (any clients, any t_c).
+        A message whose loss is not finite or beyond `loss_bound()` is refused; each owner (client)
+        weighs at most `max_client_share` of the step; a non-finite gradient refuses the whole step."""
+        owners = owners or ["" for _ in messages]
+        self.model.train()
+        per_row = self._row_losses(messages)
+        sizes = [m.t.shape[0] for m in messages]
+        message_loss = torch.stack([chunk.mean() for chunk in per_row.detach().split(sizes)]).tolist()  # one device sync
+        bound = self.loss_bound()
+        refused = {i: f"loss {v:.3g} of these rows is beyond the trainer's bound {bound:.3g}" if v == v else "loss is not finite"
+                   for i, v in enumerate(message_loss) if not (v <= bound)}
+        kept = [i for i in range(len(messages)) if i not in refused]
+        if not kept:
+            return TrainOutcome(None, refused)
+        if refused:  # a refused row must not even be in the graph: 0 × NaN is NaN in the backward pass
+            per_row = self._row_losses([messages[i] for i in kept])
+        rows: dict[str, int] = {}
+        for i in kept:
+            rows[owners[i]] = rows.get(owners[i], 0) + sizes[i]
+        shares = capped_shares(rows, self.train_config.max_client_share)
+        weights = torch.cat([torch.full((sizes[i],), shares[owners[i]] / rows[owners[i]]) for i in kept])
+        loss = (per_row * weights.to(per_row.device)).sum()
+        value = apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
+        if value is None:
+            return TrainOutcome(None, {i: "the step's gradient was not finite" for i in range(len(messages))})
+        self.step += 1
+        self.accepted_losses.extend(message_loss[i] for i in kept)
+        return TrainOutcome(value, refused)
+
+    def _row_losses(self, messages: list[ServerMessage]) -> torch.Tensor:
         merged = ServerMessage(
             torch.cat([m.x_t for m in messages]).to(self.device),
             torch.cat([m.t for m in messages]),
             torch.cat([m.t_c for m in messages]),
             torch.cat([m.eps for m in messages]).to(self.device),
         )
-        self.model.train()
         with self._autocast():
-            loss = server_loss(self.model, merged)
-        self.step += 1
-        return apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
+            return row_losses(self.model, merged).float()
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
         with self._autocast():

@@ -126,7 +126,7 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
     window: dict[str, list[float]] = {k: [] for k in losses}
     progress = Progress(config.steps, "simulate", every=config.log_every)
     for step in range(first + 1, config.steps + 1):
-        messages = []
+        messages, owners = [], []
         for c in clients:
             batch = c.batch()
             with energy.phase(f"local_training/{c.name}"):
@@ -134,9 +134,13 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
                     window[c.name].append(c.train_local(batch.x0))
                 if c.uses_server:
                     messages.append(c.server_message(batch))
+                    owners.append(c.name)
         if server is not None:
             with energy.phase("server_training"):
-                window["server"].append(server.train_step(messages))
+                outcome = server.train_step(messages, owners)
+            if outcome.loss is None:
+                raise FloatingPointError(f"the server refused step {step}: {outcome.refused}")
+            window["server"].append(outcome.loss)
         if step % config.log_every == 0 or step == config.steps:
             for k, v in window.items():
                 losses[k].append([step, sum(v) / len(v)])

@@ -27,6 +27,7 @@ from collafuse.datasets import load_federated
 from collafuse.common.energy import PhaseEnergy
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol.link import BrokerLink
+from collafuse.protocol.security import PeerKeys
 from collafuse.engine.client import Batch, ClientParty, client_seed
 from collafuse.protocol import tensors, wire
 from collafuse.common.progress import Progress
@@ -60,6 +61,7 @@ def connect(config: NodeConfig, party: ClientParty) -> BrokerLink:
         config.limits,
         config.heartbeat,
         config.retry_after,
+        keys=PeerKeys.load(Path(config.keys)) if config.keys else None,
     )
     link.connect()
     return link

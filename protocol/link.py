@@ -2,7 +2,9 @@
 
 Every job stays in `outstanding` until its one final reply (ack, result or error) arrives. A `busy`
 answer schedules a resend; a broker that goes silent, or answers `not_joined` after a restart,
-gets a fresh connection, a hello, and every outstanding job again under the same id.
+gets a fresh connection, a hello, and every outstanding job again under the same id. A hello
+answered `unavailable` (no worker yet) is said again after `retry_after`, as is a reconnect that
+the broker keeps refusing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import zmq
 
 from collafuse.common.config import HeartbeatConfig, ProtocolLimits
 from collafuse.protocol import wire
+from collafuse.protocol.security import PeerKeys
+from collafuse.protocol.sockets import dealer
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger("collafuse.node")
@@ -48,7 +52,9 @@ class BrokerLink:
         heartbeat: HeartbeatConfig = HeartbeatConfig(),
         retry_after: float = 0.5,
         context: zmq.Context | None = None,
+        keys: PeerKeys | None = None,
     ) -> None:
+        self.keys = keys
         self.address, self.hello_fields, self.limits, self.hb, self.retry_after = address, hello, limits, heartbeat, retry_after
         self.ctx = context or zmq.Context.instance()
         self.sock: zmq.Socket | None = None
@@ -57,6 +63,8 @@ class BrokerLink:
         self.last_heard = self.next_heartbeat = 0.0
         self.reconnects = 0
         self.busy_replies = 0
+        self.rejoin_at = 0.0  # no second reconnect before this (one per refusal burst)
+        self.refused = ""  # the broker's last reason for not taking this node yet
 
     @property
     def client(self) -> str:
@@ -65,10 +73,7 @@ class BrokerLink:
     def _open(self) -> None:
         if self.sock is not None:
             self.sock.close(0)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_frame_bytes)
-        self.sock.connect(self.address)
+        self.sock = dealer(self.ctx, self.address, self.limits.max_frame_bytes, self.keys)
         self.sock.send(wire.encode("hello", **self.hello_fields))
         self.last_heard = time.monotonic()
 
@@ -78,7 +83,9 @@ class BrokerLink:
         deadline = time.monotonic() + timeout
         while self.welcome is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer from the broker at {self.address} within {timeout:.0f} s")
+                why = f" (last answer: {self.refused})" if self.refused else ""
+                why = why or (" (with keys, a broker that does not know this node's key does not answer at all)" if self.keys else "")
+                raise TimeoutError(f"not welcomed by the broker at {self.address} within {timeout:.0f} s{why}")
             self.poll(0.2)
         return self.welcome
 
@@ -141,8 +148,11 @@ class BrokerLink:
         if kind == "welcome":
             self.welcome = env
             return None
-        if kind == "error" and env["code"] == ErrorCode.NOT_JOINED:
-            self._reconnect("the broker does not know this node (restarted?)")
+        if kind == "error" and (env["code"] == ErrorCode.NOT_JOINED or (env["code"] == ErrorCode.UNAVAILABLE and not env["job"])):
+            self.refused = f"{env['code']}: {env['reason']}"
+            if time.monotonic() >= self.rejoin_at:
+                self.rejoin_at = time.monotonic() + self.retry_after
+                self._reconnect(f"the broker does not take this node ({self.refused})")
             return None
         if kind == "error" and self.welcome is None and not env["job"]:
             raise BrokerRefused(f"{env['code']}: {env['reason']}")

@@ -73,7 +73,7 @@ def read_header(blob: memoryview | bytes, max_bytes: int) -> tuple[dict, int]:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor header length {n} is impossible for a {size}-byte frame")
     try:
         header = json.loads(bytes(blob[8 : 8 + n]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: thousands of nested `[`
         raise ProtocolError(ErrorCode.BAD_TENSOR, "tensor header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_TENSOR, "tensor header is not a JSON object")
@@ -86,10 +86,10 @@ def read_header(blob: memoryview | bytes, max_bytes: int) -> tuple[dict, int]:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: malformed header entry") from None
-        if dtype not in _ITEMSIZE:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name[:64]!r}: unsupported dtype {repr(dtype)[:64]}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: bad shape {shape!r}")
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: bad shape {repr(shape)[:64]}")
         if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"tensor {name!r}: data offsets outside the frame")
         if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:  # exact integers: a huge claimed shape cannot wrap

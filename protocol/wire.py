@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
 from collafuse.common.config import ProtocolLimits
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ErrorCode:
@@ -25,7 +26,11 @@ class ErrorCode:
     TOO_LARGE = "too_large"
     BUSY = "busy"  # the client's queue is full: retry later
     INCOMPATIBLE = "incompatible"  # image shape or T differ from the server model's
-    NO_TRAINER = "no_trainer"  # a train job while no worker trains (not an error while queued)
+    UNAVAILABLE = "unavailable"  # no worker can take this (yet): hello before any worker, or a job that waited too long
+    TIMEOUT = "timeout"  # a worker held the job longer than the broker's job timeout
+    CONFLICT = "conflict"  # a job id re-sent with different content (or kind) than the first time
+    REFUSED = "refused"  # the trainer did not apply these rows: their loss or the step's gradient was out of bounds
+    FORBIDDEN = "forbidden"  # this key may not do this: wrong role, revoked, or another key's client name
     NOT_JOINED = "not_joined"  # a job from a client that has not said hello on this connection's broker
     INTERNAL = "internal"
 
@@ -139,11 +144,33 @@ FIELDS: dict[str, dict[str, Check]] = {
     "bye": {},
 }
 
+KINDS_WITH_REPLY = ("train", "denoise")  # the job kinds a node submits; each gets exactly one final reply
+REPLIES = ("ack", "result", "error")  # the final replies a worker sends for them
+
 # Tensors each type carries: name → (dtype, shape as a function of the envelope and image shape).
 TENSORS: dict[str, Callable[[dict, tuple[int, int, int]], dict[str, tuple[str, tuple[int, ...]]]]] = {
     "train": lambda env, shape: {"x_t": ("F32", (env["rows"], *shape)), "t": ("I64", (env["rows"],)), "eps": ("F32", (env["rows"], *shape))},
     "result": lambda env, shape: {"x": ("F32", (env["count"], *shape))},
 }
+
+
+def check_train_values(env: dict[str, Any], arrays: dict[str, np.ndarray], limits: ProtocolLimits) -> None:
+    """Refuse (bad_tensor) training rows that no honest node sends: levels outside (t_c, T], values
+    that are not finite or beyond the bounds in `limits`, and ε₂ rows whose mean or variance is
+    not that of standard normal noise (a constant ε₂ = 100, or a pattern of ±8, is not noise)."""
+    t, x_t, eps = arrays["t"], arrays["x_t"], arrays["eps"]
+    if ((t <= env["t_c"]) | (t > limits.levels)).any():
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"train levels t must lie in ({env['t_c']}, {limits.levels}]", env["job"])
+    for name, values, bound in (("x_t", x_t, limits.max_abs_x_t), ("eps", eps, limits.max_abs_eps)):
+        if not np.isfinite(values).all():
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"train tensor {name} holds NaN or infinity", env["job"])
+        if np.abs(values).max() > bound:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"train tensor {name} holds values beyond ±{bound}", env["job"])
+    rows = eps.reshape(eps.shape[0], -1).astype(np.float64)
+    size = rows.shape[1]
+    mean, var = rows.mean(axis=1), rows.var(axis=1)
+    if (np.abs(mean) > limits.eps_moment_se / np.sqrt(size)).any() or (np.abs(var - 1) > limits.eps_moment_se * np.sqrt(2 / size)).any():
+        raise ProtocolError(ErrorCode.BAD_TENSOR, "train tensor eps: a row's mean or variance is not that of N(0, 1) noise", env["job"])
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:
@@ -165,19 +192,46 @@ def decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"envelope is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(env, dict):
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, "envelope must be a msgpack map")
-    job = env.get("job") if isinstance(env.get("job"), str) else ""
-    if env.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {env.get('v')!r} not supported; this side speaks {PROTOCOL_VERSION}", job[:128])
+    job = job_of(env)
+    version = env.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
+        raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {_show(version)} not supported; this side speaks {PROTOCOL_VERSION}", job)
     msg_type = env.get("type")
-    if msg_type not in FIELDS:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type!r}", job[:128])
+    if not isinstance(msg_type, str) or msg_type not in FIELDS:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_show(msg_type)}", job)
     for name, check in FIELDS[msg_type].items():
         if name not in env:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"{msg_type}: missing field {name!r}", job[:128])
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{msg_type}: missing field {name!r}", job)
         problem = check(env[name], limits)
         if problem:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"{msg_type}: field {name!r} {problem}", job[:128])
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{msg_type}: field {name!r} {problem}", job)
     return env
+
+
+def job_of(env: Any) -> str:
+    """The job id an error reply about this envelope names: the sender's id where it is a valid one,
+    else "" (an over-long or non-string id is not echoed back)."""
+    job = env.get("job") if isinstance(env, dict) else None
+    return job if isinstance(job, str) and len(job) <= 128 else ""
+
+
+def loose_decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
+    """An envelope that failed validation, read only for its string `client` and `job` (to answer
+    the job it was meant for); {} when even that is impossible."""
+    if len(frame) > limits.max_envelope_bytes:
+        return {}
+    try:
+        env = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except Exception:
+        return {}
+    if not isinstance(env, dict):
+        return {}
+    return {k: env[k] for k in ("client", "job") if isinstance(env.get(k), str) and len(env[k]) <= 128}
+
+
+def _show(value: Any) -> str:
+    """A hostile value in an error reason, bounded."""
+    return repr(value)[:64]
 
 
 def tensor_spec(env: dict[str, Any], image_shape: tuple[int, int, int]) -> dict[str, tuple[str, tuple[int, ...]]] | None:

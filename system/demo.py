@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from collafuse.protocol.admin import fetch_status
+from collafuse.protocol.security import PeerKeys
+from collafuse.system.keyring import Keyring
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
 
 
@@ -33,27 +35,30 @@ class DemoConfig:
     seed: int = 0
     cut_noise: str = "keyed"
     threads: int = 1  # torch threads per process: five processes share a small CPU
+    insecure: bool = False  # plain TCP instead of CURVE keys (made in OUT/keys)
     lockstep: bool = True  # nodes wait for room in their window, so the server sees every step's rows
 
 
-def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None) -> tuple[str, str]:
-    """A broker and `workers` workers (the first offers to train); returns (frontend, backend)."""
+def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None, keyring: Keyring) -> tuple[str, str]:
+    """A broker and `workers` workers (the first offers to train, with a trainer key); returns
+    (frontend, backend)."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend))
+    fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend, *keyring.broker_args()))
+    admin = keyring.admin()
     for i in range(workers):
-        args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args]
+        args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args, *keyring.args(f"worker{i}", "trainer" if i == 0 else "worker")]
         if checkpoint_dir is not None and i == 0:
             args += ["--checkpoint", str(checkpoint_dir / "server.safetensors"), "--energy-report", str(checkpoint_dir / "server_energy.json")]
         if i > 0:
             args.append("--no-train")
         fleet.start(f"worker{i}", cli(*args))
-    wait_for(lambda: len(_status(frontend).get("workers", [])) >= workers, 120, what="the workers to register")
+    wait_for(lambda: len(_status(frontend, admin).get("workers", [])) >= workers, 120, what="the workers to register")
     return frontend, backend
 
 
-def _status(frontend: str) -> dict[str, Any]:
+def _status(frontend: str, keys: PeerKeys | None) -> dict[str, Any]:
     try:
-        return fetch_status(frontend, timeout=2.0)
+        return fetch_status(frontend, timeout=2.0, keys=keys)
     except (TimeoutError, ConnectionError):
         return {}
 
@@ -70,6 +75,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(out / "logs", threads=cfg.threads)
+    keyring = Keyring(None if cfg.insecure else out / "keys")
+    admin = keyring.admin()
     ratios = list(cfg.cut_ratios) * cfg.clients if len(cfg.cut_ratios) == 1 else list(cfg.cut_ratios)
     if len(ratios) != cfg.clients:
         raise ValueError(f"give one cut ratio or one per client ({cfg.clients})")
@@ -78,20 +85,20 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
     try:
         say(f"[demo] starting broker and worker (logs in {fleet.logs})")
         frontend, _ = start_server_side(
-            fleet, 1, ["--model", cfg.server_model, "--max-train-rows", str(cfg.batch_size * cfg.clients), *common], out
+            fleet, 1, ["--model", cfg.server_model, "--max-train-rows", str(cfg.batch_size * cfg.clients), *common], out, keyring
         )
         say(f"[demo] broker at {frontend}; starting {cfg.clients} nodes, {cfg.steps} local steps each")
         for i, (name, c) in enumerate(zip(names, ratios)):
             fleet.start(name, cli(
                 "join", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--data", cfg.data, "--shard", str(i),
                 "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                "--model", cfg.client_model, "--state", str(out / name), "--cut-noise", cfg.cut_noise, *common,
+                "--model", cfg.client_model, "--state", str(out / name), "--cut-noise", cfg.cut_noise, *common, *keyring.args(name, "node"),
                 *(["--lockstep"] if cfg.lockstep else []),
                 module="collafuse.cli.node"))
         next_report = 0.0
         while any(fleet.alive(n) for n in names):
             if time.monotonic() >= next_report:
-                st = _status(frontend)
+                st = _status(frontend, admin)
                 parts = [f"{n} {p.get('step', 0)}/{cfg.steps}" for n, p in ((n, _progress(out / n)) for n in names)]
                 done = sum(c.get("completed", 0) for c in st.get("clients", {}).values())
                 say(f"[demo] {time.monotonic() - started:5.0f} s  train: {'  '.join(parts)}  server jobs done {done}")
@@ -106,11 +113,12 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
             fleet.start(f"{name}-generate", cli(
                 "generate", "--broker", frontend, "--name", name, "--cut-ratio", str(c), "--n", str(cfg.samples),
                 "--out", str(out / name / "samples"), "--state", str(out / name), "--model", cfg.client_model,
-                "--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(1234 + i), module="collafuse.cli.node"))
+                "--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(1234 + i), *keyring.args(name, "node"),
+                module="collafuse.cli.node"))
         for name in names:
             if fleet.wait(f"{name}-generate", 900) != 0:
                 raise RuntimeError(f"generation for {name} failed:\n{fleet.tail(name + '-generate')}")
-        status = _status(frontend)
+        status = _status(frontend, admin)
     finally:
         fleet.stop_all()
     return write_report(cfg, names, ratios, status, time.monotonic() - started)

@@ -10,14 +10,25 @@ import zmq
 
 from collafuse.common.config import ProtocolLimits
 from collafuse.protocol import tensors, wire
+from collafuse.protocol.security import PeerKeys
+from collafuse.protocol.sockets import dealer
+from collafuse.system.keyring import Keyring
+
+KEYRINGS: dict[str, Keyring] = {}  # a test broker's addresses (frontend and backend) → its keys
 
 
 class RawClient:
-    def __init__(self, address: str, name: str, shape=(1, 32, 32)) -> None:
+    """A node by hand; with the key of its own name from the broker's keyring (if the broker has one),
+    or the `keys` given (None: plain TCP)."""
+
+    role = "node"
+
+    def __init__(self, address: str, name: str, shape=(1, 32, 32), keys: PeerKeys | None | str = "default") -> None:
         self.name = name
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        if keys == "default":
+            ring = KEYRINGS.get(address)
+            keys = PeerKeys.load(ring.peer(name, self.role)) if ring and ring.folder else None
+        self.sock = dealer(zmq.Context.instance(), address, ProtocolLimits().max_frame_bytes, keys)
         self.shape = shape
 
     def send(self, *frames: bytes) -> None:
@@ -73,3 +84,22 @@ class RawClient:
 
 
 LIMITS = ProtocolLimits()
+
+
+class RawWorker(RawClient):
+    """A worker speaking the backend protocol by hand: it registers and answers as a test tells it."""
+
+    role = "trainer"
+
+    def ready(self, denoise_credit: int = 8, train_credit: int = 8, trainer: bool = True) -> None:
+        self.send(wire.encode("ready", worker=self.name, denoise_credit=denoise_credit, train_credit=train_credit, trainer=trainer,
+                              image_shape=list(self.shape), levels=100, model="tiny"))
+
+    def next_job(self, timeout: float = 10.0) -> tuple[dict, list[bytes]]:
+        """The next train or denoise job forwarded to this worker (heartbeats skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            env, rest = self.recv(max(0.01, deadline - time.monotonic()))
+            if env["type"] in ("train", "denoise"):
+                return env, rest
+        raise TimeoutError("no job")

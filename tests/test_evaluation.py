@@ -179,6 +179,19 @@ def test_phase_energy_is_measured_offline_and_split_by_time():
     assert shares["local_training/client0"] > shares["server_training"]
 
 
+def test_sweep_trains_c0_and_c1_once_per_seed():
+    """At c = 0 no cut noise is drawn (x_{t_c} = x₀) and at c = 1 nothing is sent: one run each per
+    seed serves every cut-noise mode."""
+    from pathlib import Path
+
+    from collafuse.tools.sweep import SweepConfig, runs
+
+    cfg = SweepConfig(out=Path("out"), cut_ratios=(0.0, 0.6, 1.0), seeds=(0, 1), cut_noise=("keyed", "fresh"))
+    folders = [r.folder(cfg) for r in runs(cfg)]
+    assert len(folders) == len(set(folders)) == 2 * 4
+    assert sorted({f.parts[1] for f in folders}) == ["fresh", "keyed", "local", "server"]
+
+
 def test_sweep_writes_tables_and_figure_and_resumes(tmp_path):
     """Two seeds, both cut-noise modes: runs in MODE/seedS/cC, c = 1 shared by the modes, the audit in
     each run, mean ± std over seeds in the table, and a second call recomputes nothing."""

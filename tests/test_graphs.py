@@ -24,7 +24,7 @@ def test_buckets_cover_every_pool_size_without_doubling_a_full_pool():
 def test_cuda_graphs_off_cuda_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         ServerParty((1, 16, 16), "tiny", device="cpu", cuda_graphs=True)
-    proc = subprocess.run(cli("worker", "--broker", "tcp://127.0.0.1:9", "--device", "cpu", "--cuda-graphs"),
+    proc = subprocess.run(cli("worker", "--broker", "tcp://127.0.0.1:9", "--device", "cpu", "--cuda-graphs", "--insecure"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CUDA graphs need a CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr

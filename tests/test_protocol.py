@@ -18,7 +18,7 @@ SHAPE = (1, 32, 32)
 
 
 def train_env(**over):
-    env = {"v": 1, "type": "train", "job": "j1", "client": "a", "rows": 2, "t_c": 60, **over}
+    env = {"v": 2, "type": "train", "job": "j1", "client": "a", "rows": 2, "t_c": 60, **over}
     return msgpack.packb(env)
 
 
@@ -50,8 +50,8 @@ def test_valid_train_message_passes():
         (b"\xc1\xff garbage", ErrorCode.BAD_ENVELOPE),
         (msgpack.packb([1, 2, 3]), ErrorCode.BAD_ENVELOPE),
         (msgpack.packb({"v": 99, "type": "train"}), ErrorCode.BAD_VERSION),
-        (msgpack.packb({"v": 1, "type": "launch_missiles"}), ErrorCode.UNKNOWN_TYPE),
-        (msgpack.packb({"v": 1, "type": "train", "job": "j", "client": "a", "rows": 2}), ErrorCode.BAD_FIELD),
+        (msgpack.packb({"v": 2, "type": "launch_missiles"}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": 2, "type": "train", "job": "j", "client": "a", "rows": 2}), ErrorCode.BAD_FIELD),
         (train_env(rows="two"), ErrorCode.BAD_FIELD),
         (train_env(rows=True), ErrorCode.BAD_FIELD),
         (train_env(rows=10**9), ErrorCode.BAD_FIELD),
@@ -59,7 +59,14 @@ def test_valid_train_message_passes():
         (train_env(t_c=-1), ErrorCode.BAD_FIELD),
         (train_env(job=""), ErrorCode.BAD_FIELD),
         (train_env(job="x" * 500), ErrorCode.BAD_FIELD),
-        (msgpack.packb({"v": 1, "type": "status", "pad": "x" * 70000}), ErrorCode.TOO_LARGE),
+        (msgpack.packb({"v": 2, "type": "status", "pad": "x" * 70000}), ErrorCode.TOO_LARGE),
+        # type confusion: each once raised TypeError instead of a coded error
+        (msgpack.packb({"v": 2, "type": ["train"]}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": 2, "type": {"a": 1}}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": 2.0, "type": "status"}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": True, "type": "status"}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": [2], "type": "status"}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": 2, "type": "denoise", "job": ["x"], "client": "a"}), ErrorCode.BAD_FIELD),
     ],
 )
 def test_bad_envelopes_get_codes(frame, code):
@@ -87,6 +94,11 @@ def _header_blob(header: dict, data: bytes = b"") -> bytes:
         (_header_blob({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
         (struct.pack("<Q", 4) + b"nope", ErrorCode.BAD_TENSOR),
         (b"\0" * (LIM.max_frame_bytes + 1), ErrorCode.TOO_LARGE),
+        (struct.pack("<Q", 200_000) + b"[" * 200_000, ErrorCode.BAD_TENSOR),  # once a RecursionError
+        (_header_blob({"x": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
+        (_header_blob({"x": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
+        (_header_blob({"x": [1, 2, 3]}), ErrorCode.BAD_TENSOR),
+        (_header_blob({"x": {"dtype": "F32", "shape": [1], "data_offsets": {"a": 0, "b": 4}}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
     ],
 )
 def test_bad_tensor_frames_get_codes(blob, code):
@@ -107,6 +119,53 @@ def test_tensor_frame_must_match_the_envelope():
     missing = tensors.encode({"x_t": np.zeros((3, *SHAPE), np.float32)})
     with pytest.raises(ProtocolError, match="expected tensors"):
         tensors.check(missing, wire.tensor_spec(env, SHAPE), LIM.max_frame_bytes)
+
+
+def test_error_replies_echo_only_a_valid_job_id():
+    assert wire.job_of({"job": "j1"}) == "j1"
+    assert wire.job_of({"job": "x" * 500}) == "" and wire.job_of({"job": 7}) == "" and wire.job_of([1]) == ""
+    with pytest.raises(ProtocolError) as info:
+        wire.decode(train_env(job="x" * 500), LIM)
+    assert info.value.job == ""
+    assert wire.loose_decode(msgpack.packb({"v": 2, "type": "ack", "job": "j", "client": "c", "loss": float("nan")}), LIM) == {"job": "j", "client": "c"}
+    assert wire.loose_decode(b"\xc1", LIM) == {}
+
+
+def _rows(rows=4, seed=0, **over):
+    rng = np.random.default_rng(seed)
+    arrays = {"x_t": rng.standard_normal((rows, *SHAPE)).astype(np.float32), "t": np.full(rows, 70, np.int64),
+              "eps": rng.standard_normal((rows, *SHAPE)).astype(np.float32)}
+    return {**arrays, **over}
+
+
+def test_honest_training_rows_pass_the_value_checks():
+    env = wire.decode(train_env(rows=64), LIM)
+    for seed in range(20):  # 1,280 rows of N(0, I) noise; a false refusal has probability ~1e-12
+        wire.check_train_values(env, _rows(64, seed), LIM)
+    x0 = np.clip(np.random.default_rng(1).standard_normal((64, *SHAPE)), -1, 1)
+    extreme = np.sqrt(0.5) * np.sign(x0) + np.sqrt(0.5) * _rows(64)["eps"]  # x_t with a² + b² = 1, |x_0| = 1
+    wire.check_train_values(env, _rows(64, x_t=extreme.astype(np.float32)), LIM)
+
+
+@pytest.mark.parametrize(
+    "over, why",
+    [
+        ({"x_t": np.full((4, *SHAPE), np.nan, np.float32)}, "NaN or infinity"),
+        ({"eps": np.full((4, *SHAPE), np.inf, np.float32)}, "NaN or infinity"),
+        ({"x_t": np.full((4, *SHAPE), 1e30, np.float32)}, "beyond"),
+        ({"eps": np.full((4, *SHAPE), 100.0, np.float32)}, "beyond"),
+        ({"eps": np.full((4, *SHAPE), 1e16, np.float32)}, "beyond"),
+        ({"eps": np.full((4, *SHAPE), 1.0, np.float32)}, "mean or variance"),  # within bounds, but not noise
+        ({"eps": np.tile(np.array([3.0, -3.0], np.float32), 2048).reshape(4, *SHAPE)}, "mean or variance"),
+        ({"t": np.full(4, 60, np.int64)}, "levels"),  # t must exceed t_c
+        ({"t": np.full(4, 101, np.int64)}, "levels"),
+    ],
+)
+def test_hostile_training_rows_are_refused(over, why):
+    env = wire.decode(train_env(rows=4), LIM)
+    with pytest.raises(ProtocolError, match=why) as info:
+        wire.check_train_values(env, _rows(4, **over), LIM)
+    assert info.value.code == ErrorCode.BAD_TENSOR and info.value.job == "j1"
 
 
 def test_broker_side_needs_no_torch():

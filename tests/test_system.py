@@ -19,7 +19,8 @@ from safetensors import safe_open
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
-from tests.netclient import RawClient
+from collafuse.system.keyring import Keyring
+from tests.netclient import KEYRINGS, RawClient, RawWorker
 
 FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "5"]
 
@@ -32,31 +33,39 @@ def fleet(tmp_path):
 
 
 def start_broker(fleet: Fleet, *extra: str, name: str = "broker", ports=None) -> tuple[str, str]:
+    """A broker with CURVE keys (made beside the fleet's logs; a restart on the same ports reuses them)."""
     fp, bp = ports or (free_port(), free_port())
     front, back = f"tcp://127.0.0.1:{fp}", f"tcp://127.0.0.1:{bp}"
-    fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *FAST_HB, *extra))
+    KEYRINGS[front] = KEYRINGS[back] = ring = Keyring(fleet.logs.parent / "keys")
+    fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *ring.broker_args(), *FAST_HB, *extra))
     wait_for(lambda: _status(front) is not None, 30, what="broker")
     return front, back
 
 
 def _status(front: str):
     try:
-        return fetch_status(front, timeout=0.5)
+        return fetch_status(front, timeout=0.5, keys=KEYRINGS[front].admin())
     except (TimeoutError, ConnectionError):
         return None
 
 
 def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str) -> None:
-    fleet.start(name, cli("worker", "--broker", back, "--name", name, "--device", "cpu", *FAST_HB, *extra))
+    """A worker with a trainer key of its own name."""
+    fleet.start(name, cli("worker", "--broker", back, "--name", name, "--device", "cpu", *KEYRINGS[back].args(name, "trainer"), *FAST_HB, *extra))
     wait_for(lambda: any(w["name"] == name for w in (_status(front) or {}).get("workers", [])), 120, what=f"{name} to register")
 
 
 def node(*args: str) -> list[str]:
-    return cli(*args, module="collafuse.cli.node")
+    """A node command with the node key of its --name (from the keyring of its --broker)."""
+    ring = KEYRINGS[args[args.index("--broker") + 1]]
+    return cli(*args, *ring.args(args[args.index("--name") + 1], "node"), module="collafuse.cli.node")
 
 
 def test_malformed_messages_get_errors_and_the_broker_keeps_serving(fleet):
-    front, _ = start_broker(fleet, "--max-frame-bytes", "200000")
+    front, back = start_broker(fleet, "--max-frame-bytes", "200000", "--heartbeat-liveness", "200")
+    raw_worker = RawWorker(back, "w")
+    raw_worker.ready()  # defines the server's image shape, so that hello is welcomed
+    wait_for(lambda: _status(front)["workers"], 10, what="the raw worker")
     bad = RawClient(front, "mallory")
     good = RawClient(front, "alice")
     bad.send(b"\x00garbage")
@@ -86,7 +95,10 @@ def test_malformed_messages_get_errors_and_the_broker_keeps_serving(fleet):
     assert bad.recv()[0]["code"] == "bad_envelope"
     good.hello()
     good.send(wire.encode("status"))
-    st = good.recv()[0]["status"]
+    assert good.recv()[0]["code"] == "forbidden"  # status needs an admin key
+    admin = RawClient(front, "admin", keys=KEYRINGS[front].admin())
+    admin.send(wire.encode("status"))
+    st = admin.recv()[0]["status"]
     assert st["clients"]["mallory"]["errors"] >= 4  # the tensor-level refusals, counted per client
     assert fleet.alive("broker")
 
@@ -237,7 +249,7 @@ def test_node_resumes_from_its_checkpoint(tmp_path):
     import sys
 
     base = [sys.executable, "-m", "collafuse.cli.node", "join", "--name", "solo", "--cut-ratio", "1.0", "--shards", "1",
-            "--batch-size", "4", "--state", str(tmp_path / "solo"), "--device", "cpu", "--broker", "tcp://127.0.0.1:1"]
+            "--batch-size", "4", "--state", str(tmp_path / "solo"), "--device", "cpu", "--broker", "tcp://127.0.0.1:1", "--insecure"]
     first = run([*base, "--steps", "3"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     with safe_open(str(tmp_path / "solo" / "local.safetensors"), framework="pt") as f:
@@ -341,15 +353,20 @@ def test_up_starts_and_stops_the_server_side(tmp_path):
     try:
         first = proc.stdout.readline()
         assert first.startswith("up: broker tcp://127.0.0.1:"), first
+        assert "--keys" in "".join(proc.stdout.readline() for _ in range(3))  # how to add a node's key and join with it
         front = first.split()[2]
-        st = fetch_status(front)
+        admin = Keyring(state / "keys").admin()  # `up` made the broker's and workers' keys, and an admin key
+        st = fetch_status(front, keys=admin)
         assert sorted(w["name"] for w in st["workers"]) == ["worker0", "worker1"]
         assert [w["trainer"] for w in sorted(st["workers"], key=lambda w: w["name"])] == [True, False]
+        with pytest.raises(TimeoutError):
+            fetch_status(front, timeout=1.0)  # plain TCP gets no answer from a broker with keys
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "up: stopped" in out
-    assert _status(front) is None  # the broker is gone too
+    with pytest.raises(TimeoutError):
+        fetch_status(front, timeout=0.5, keys=admin)  # the broker is gone too
 
 
 def test_demo_writes_a_report(tmp_path):

@@ -32,7 +32,7 @@ def test_short_run_lowers_client_and_server_loss(mni_data):
             batch = c.batch()
             client_losses.append(c.train_local(batch.x0))
             msgs.append(c.server_message(batch))
-        server_losses.append(server.train_step(msgs))
+        server_losses.append(server.train_step(msgs).loss)
     first, last = sum(client_losses[:10]) / 10, sum(client_losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
     assert sum(server_losses[-5:]) / 5 < 0.6 * sum(server_losses[:5]) / 5
@@ -78,3 +78,59 @@ def test_simulate_cli_end_to_end_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 4
     assert (out / "secrets" / "client0.key").read_bytes() == secret  # resume keeps the secret
+
+
+def test_capped_shares_bound_every_owner_and_keep_proportions_otherwise():
+    from collafuse.engine.server import capped_shares
+
+    assert capped_shares({"a": 10, "b": 10, "c": 20}, 0.5) == {"a": 0.25, "b": 0.25, "c": 0.5}
+    shares = capped_shares({"flood": 90, "a": 5, "b": 5}, 0.5)
+    assert shares["flood"] == 0.5 and abs(shares["a"] - 0.25) < 1e-12 and abs(sum(shares.values()) - 1) < 1e-12
+    shares = capped_shares({"flood": 97, "a": 1, "b": 2}, 0.4)  # a second owner is capped once the first is
+    assert max(shares.values()) <= 0.4 + 1e-12 and abs(sum(shares.values()) - 1) < 1e-12
+    assert capped_shares({"alone": 7}, 0.5) == {"alone": 1.0}  # too few owners for the cap: proportional
+
+
+def _message(rows, t_c=40, seed=0, eps_scale=1.0):
+    from collafuse.diffusion.split import ServerMessage
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(t_c + 1, 101, (rows,), generator=g)
+    return ServerMessage(torch.randn(rows, 1, 32, 32, generator=g), t, torch.full((rows,), t_c), torch.randn(rows, 1, 32, 32, generator=g) * eps_scale)
+
+
+def test_guarded_step_refuses_hostile_rows_and_applies_the_rest():
+    """Rows that slipped past the wire's checks (here: ε₂ of scale 50, NaN) are refused by the trainer's
+    own loss bound; the honest message's step is exactly the step it would get alone."""
+    honest = _message(8)
+    alone, guarded = ServerParty((1, 32, 32), seed=3), ServerParty((1, 32, 32), seed=3)
+    expected = alone.train_step([honest], ["h"])
+    nan = _message(4, seed=2)
+    nan.x_t[0, 0, 0, 0] = float("nan")
+    outcome = guarded.train_step([_message(4, seed=1, eps_scale=50.0), honest, nan], ["m", "h", "m"])
+    assert set(outcome.refused) == {0, 2} and "bound" in outcome.refused[0] and "not finite" in outcome.refused[2]
+    assert outcome.loss is not None and abs(outcome.loss - expected.loss) < 1e-6 and guarded.step == alone.step == 1
+    for a, b in zip(alone.model.parameters(), guarded.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    only_hostile = guarded.train_step([_message(4, seed=1, eps_scale=50.0)], ["m"])
+    assert only_hostile.loss is None and guarded.step == 1  # nothing applied, nothing counted
+    assert all(torch.isfinite(p).all() for p in guarded.model.parameters())
+
+
+def test_one_client_weighs_at_most_its_share_of_a_step():
+    """Two honest clients and a flooding one: the step equals one where the flood's rows carry half."""
+    a, b, flood = _message(4, seed=1), _message(4, seed=2), _message(24, seed=3)
+    capped, manual = ServerParty((1, 32, 32), seed=5), ServerParty((1, 32, 32), seed=5)
+    capped.train_step([a, b, flood], ["a", "b", "flood"])
+    from collafuse.diffusion.split import ServerMessage, row_losses
+
+    merged = ServerMessage(*(torch.cat([getattr(m, f) for m in (a, b, flood)]) for f in ("x_t", "t", "t_c", "eps")))
+    weights = torch.cat([torch.full((4,), 0.25 / 4), torch.full((4,), 0.25 / 4), torch.full((24,), 0.5 / 24)])
+    manual.model.train()
+    loss = (row_losses(manual.model, merged) * weights).sum()
+    manual.optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(manual.model.parameters(), manual.train_config.grad_clip)
+    manual.optimizer.step()
+    for p, q in zip(capped.model.parameters(), manual.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)

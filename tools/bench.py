@@ -127,16 +127,20 @@ def system(
     and (with --single) the same worker serving one row at a time: the batching gain. With
     --cuda-graphs the worker and the raw figure both replay graphs; the eager raw rate is given too."""
     from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
     from collafuse.tools.loadtest import LoadConfig, run_load
 
     def through_broker(batch: int, n_clients: int, n_rows: int) -> dict:
         fleet = Fleet(logs / f"b{batch}")
+        keyring = Keyring(logs / f"b{batch}" / "keys")
         try:
             args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch)]
-            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"], None)
-            run_load(LoadConfig(broker=front, clients=n_clients, duration=3, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=60), say=lambda _: None)
-            return run_load(LoadConfig(broker=front, clients=n_clients, duration=duration, image_size=size, rows=n_rows, ddim_steps=ddim_steps, drain=120), say=lambda _: None)
+            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"], None, keyring)
+            load = dict(broker=front, clients=n_clients, image_size=size, rows=n_rows, ddim_steps=ddim_steps,
+                        keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
+            run_load(LoadConfig(**load, duration=3, drain=60), say=lambda _: None)
+            return run_load(LoadConfig(**load, duration=duration, drain=120), say=lambda _: None)
         finally:
             fleet.stop_all()
 
@@ -160,45 +164,66 @@ def system(
     typer.echo(json.dumps(out))
 
 
-def _proxy_process(fp: int, bp: int) -> None:
+def _bench_keys(keys: str, name: str):
+    """A peer's keys from the benchmark's keyring folder ('' = plain TCP)."""
+    from pathlib import Path
+
+    from collafuse.protocol.security import PeerKeys
+
+    return PeerKeys.load(Path(keys) / name) if keys else None
+
+
+def _proxy_process(fp: int, bp: int, keys: str) -> None:
+    """zmq.proxy between a ROUTER and a DEALER; with keys both are CURVE servers (encryption, and
+    no allow-list: the cost of CURVE itself)."""
+    from pathlib import Path
+
     import zmq
+
+    from collafuse.protocol.security import BACKEND, FRONTEND, KeyStore
 
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    if keys:
+        store = KeyStore(Path(keys) / "broker")
+        store.serve(front, FRONTEND)
+        store.serve(back, BACKEND)
     front.bind(f"tcp://127.0.0.1:{fp}")
     back.bind(f"tcp://127.0.0.1:{bp}")
     zmq.proxy(front, back)
 
 
-def _proxy_echo_process(bp: int) -> None:
+def _proxy_echo_process(bp: int, keys: str) -> None:
     import zmq
 
-    s = zmq.Context().socket(zmq.DEALER)
-    s.connect(f"tcp://127.0.0.1:{bp}")
+    from collafuse.protocol.sockets import dealer
+
+    s = dealer(zmq.Context(), f"tcp://127.0.0.1:{bp}", 1 << 26, _bench_keys(keys, "echo"))
     while True:
         frames = s.recv_multipart(copy=False)
         s.send_multipart([frames[0], frames[1]], copy=False)  # routing id, then a small reply
 
 
-def _broker_process(fp: int, bp: int) -> None:
+def _broker_process(fp: int, bp: int, keys: str) -> None:
     from collafuse.broker.broker import Broker
     from collafuse.common.config import BrokerConfig
 
-    Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6)).run()
+    Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6,
+                        keys=f"{keys}/broker" if keys else "")).run()
 
 
-def _echo_worker_process(bp: int) -> None:
+def _echo_worker_process(bp: int, keys: str) -> None:
     """A protocol peer that acknowledges every train job at once (it applies nothing)."""
     import zmq
 
     from collafuse.common.config import ProtocolLimits
     from collafuse.protocol import wire
+    from collafuse.protocol.sockets import dealer
 
-    s = zmq.Context().socket(zmq.DEALER)
-    s.connect(f"tcp://127.0.0.1:{bp}")
+    limits = ProtocolLimits()
+    s = dealer(zmq.Context(), f"tcp://127.0.0.1:{bp}", limits.max_frame_bytes, _bench_keys(keys, "echo"))
     s.send(wire.encode("ready", worker="echo", denoise_credit=10**6, train_credit=10**9, trainer=True,
                        image_shape=[1, 32, 32], levels=100, model="none"))
-    limits = ProtocolLimits()
     while True:
         frames = s.recv_multipart(copy=False)
         env = wire.decode(frames[0].buffer, limits)
@@ -208,29 +233,34 @@ def _echo_worker_process(bp: int) -> None:
 
 @app.command()
 def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
-    """Forwarding rate of 64 KiB tensor jobs: our broker against zmq.proxy. Each setup is three
-    processes (client, middle, echo peer) on loopback; the client keeps `window` jobs in flight."""
+    """Forwarding rate of 64 KiB tensor jobs: our broker against zmq.proxy, both on plain TCP and both
+    with CURVE (keys made in a temporary folder). Each setup is three processes (client, middle,
+    echo peer) on loopback; the client keeps `window` jobs in flight."""
     import multiprocessing as mp
+    import tempfile
+    from pathlib import Path
 
     import numpy as np
     import zmq
 
     from collafuse.protocol import tensors, wire
+    from collafuse.protocol.sockets import dealer
+    from collafuse.system.keyring import Keyring
     from collafuse.system.launch import free_port
 
     rows = max(1, size_kib * 1024 // (2 * 4 * 32 * 32))
     blob = tensors.encode({"x_t": np.zeros((rows, 1, 32, 32), np.float32), "t": np.full(rows, 100, np.int64),
                            "eps": np.zeros((rows, 1, 32, 32), np.float32)})
+    ring = Keyring(Path(tempfile.mkdtemp(prefix="collafuse-bench-keys-")))
+    ring.peer("bench", "node"), ring.peer("echo", "trainer")
 
-    def run(middle, echo, make_frames, hello: bool) -> float:
+    def run(middle, echo, make_frames, hello: bool, keys: str) -> float:
         fp, bp = free_port(), free_port()
-        procs = [mp.Process(target=middle, args=(fp, bp), daemon=True), mp.Process(target=echo, args=(bp,), daemon=True)]
+        procs = [mp.Process(target=middle, args=(fp, bp, keys), daemon=True), mp.Process(target=echo, args=(bp, keys), daemon=True)]
         for p in procs:
             p.start()
         try:
-            sock = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{fp}")
+            sock = dealer(zmq.Context.instance(), f"tcp://127.0.0.1:{fp}", 1 << 26, _bench_keys(keys, "bench"))
             time.sleep(1.0)
             if hello:
                 sock.send(wire.encode("hello", client="bench", t_c=60, image_shape=[1, 32, 32], levels=100))
@@ -254,12 +284,16 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
                 p.terminate()
                 p.join()
 
-    proxy_rate = run(_proxy_process, _proxy_echo_process, lambda i: [b"job", blob], False)
-    ours = run(_broker_process, _echo_worker_process,
-               lambda i: [wire.encode("train", job=f"j{i}", client="bench", rows=rows, t_c=60), blob], True)
+    rates = {}
+    for mode, keys in (("plain", ""), ("curve", str(ring.folder))):
+        rates[f"zmq_proxy_{mode}"] = run(_proxy_process, _proxy_echo_process, lambda i: [b"job", blob], False, keys)
+        rates[f"broker_{mode}"] = run(_broker_process, _echo_worker_process,
+                                      lambda i: [wire.encode("train", job=f"j{i}", client="bench", rows=rows, t_c=60), blob], True, keys)
     typer.echo(json.dumps({"what": "broker_forwarding", "frame_bytes": len(blob), "messages": messages, "window": window,
-                           "zmq_proxy_msgs_per_s": round(proxy_rate, 1), "broker_msgs_per_s": round(ours, 1),
-                           "ratio": round(ours / proxy_rate, 3)}))
+                           **{f"{k}_msgs_per_s": round(v, 1) for k, v in rates.items()},
+                           "ratio_plain": round(rates["broker_plain"] / rates["zmq_proxy_plain"], 3),
+                           "ratio_curve": round(rates["broker_curve"] / rates["zmq_proxy_curve"], 3),
+                           "curve_cost_broker": round(rates["broker_curve"] / rates["broker_plain"], 3)}))
 
 
 @app.command()

@@ -18,6 +18,7 @@ BENCH, RUNPACK = "collafuse.tools.bench", "collafuse.tools.runpack"
 PAGES: list[tuple[str, list[list[str]]]] = [
     ("`collafuse`", [["collafuse"]]),
     *((f"`collafuse {c}`", [["collafuse", c]]) for c in ("simulate", "demo", "up", "broker", "worker", "status", "loadtest", "sweep", "audit")),
+    ("`collafuse keys`", [["collafuse", "keys"], *(["collafuse", "keys", c] for c in ("init", "add", "revoke"))]),
     ("`collafuse-node`", [["collafuse-node"]]),
     *((f"`collafuse-node {c}`", [["collafuse-node", c]]) for c in ("join", "generate")),
     (f"`python -m {BENCH}`", [["-m", BENCH], *(["-m", BENCH, c] for c in ("raw", "sampler", "train", "system", "broker", "cpu", "cutnoise"))]),

@@ -26,7 +26,7 @@ graphed = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
 graphed.model.load_state_dict(cpu.model.state_dict())
 g = graphed.sampler(4).run([graphed.denoise_job("j", 6, 40, 3, cfg)])["j"]  # buckets 4 and 2
 msg = server_message(Scheduler(), torch.randn(16, 1, 32, 32), 40, torch.Generator().manual_seed(0))
-loss_cpu, loss_gpu = cpu.train_step([msg]), gpu.train_step([msg])
+loss_cpu, loss_gpu = cpu.train_step([msg]).loss, gpu.train_step([msg]).loss
 data = torch.rand(64, 1, 32, 32) * 2 - 1
 clients = [ClientParty("c", 0.6, data, "tiny", device=d, seed=3) for d in ("cpu", "cuda")]
 client_losses = [c.train_local(c.batch().x0) for c in clients]

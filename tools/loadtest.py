@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from collafuse.common.config import DiffusionConfig, ProtocolLimits, SamplerConf
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
+from collafuse.protocol.security import PeerKeys
+from collafuse.protocol.sockets import dealer
 
 CLIENTS_PER_SOCKET = 50
 
@@ -40,6 +43,8 @@ class LoadConfig:
     retry_after: float = 0.2
     seed: int = 0
     levels: int = 100
+    keys: str = ""  # a node key folder for the simulated clients ('' = plain TCP)
+    admin_keys: str = ""  # an admin key folder, to read the workers' counters ('' = plain TCP)
 
 
 @dataclass
@@ -69,13 +74,9 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
     ctx = zmq.Context.instance()
     shape = (1, cfg.image_size, cfg.image_size)
     sockets = []
+    keys = PeerKeys.load(Path(cfg.keys)) if cfg.keys else None
     for _ in range((cfg.clients + CLIENTS_PER_SOCKET - 1) // CLIENTS_PER_SOCKET):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.RCVHWM, 0)
-        s.connect(cfg.broker)
-        sockets.append(s)
+        sockets.append(dealer(ctx, cfg.broker, ProtocolLimits().max_frame_bytes, keys, sndhwm=0, rcvhwm=0))
     run = uuid.uuid4().hex[:8]  # job ids unique to this run: a reused id would be answered from the broker's cache
     clients = {f"load-{i:05d}": SimClient(f"load-{i:05d}", sockets[i // CLIENTS_PER_SOCKET]) for i in range(cfg.clients)}
     train_blob = tensors.encode({
@@ -111,7 +112,7 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
 
     for c in clients.values():
         c.sock.send(wire.encode("hello", client=c.name, t_c=cfg.cut_levels[0], image_shape=list(shape), levels=cfg.levels))
-    before = _worker_stats(cfg.broker)
+    before = _worker_stats(cfg.broker, cfg.admin_keys)
     start = time.monotonic()
     deadline = start + cfg.duration
     drain_deadline = deadline + cfg.drain
@@ -159,7 +160,7 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
                 c.sock.send_multipart(c.frames, copy=False)
     elapsed = cfg.duration
     time.sleep(1.2)  # the workers' counters reach the broker with their next heartbeat
-    after = _worker_stats(cfg.broker)
+    after = _worker_stats(cfg.broker, cfg.admin_keys)
     lost = sum(1 for c in clients.values() if c.job is not None)
     for s in sockets:
         s.close(0)
@@ -183,12 +184,12 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
     }
 
 
-def _worker_stats(broker: str) -> dict[str, int]:
+def _worker_stats(broker: str, admin_keys: str) -> dict[str, int]:
     """Summed counters of every worker, as their heartbeats reported them to the broker
     (capacity: rows the denoising iterations could have held)."""
     total = {"denoise_rows": 0, "capacity": 0, "train_steps": 0}
     try:
-        workers = fetch_status(broker, timeout=5).get("workers", [])
+        workers = fetch_status(broker, timeout=5, keys=PeerKeys.load(Path(admin_keys)) if admin_keys else None).get("workers", [])
     except (TimeoutError, ConnectionError):
         return total
     for w in workers:

@@ -60,7 +60,7 @@ class Run:
     cut_ratio: float
 
     def folder(self, cfg: SweepConfig) -> Path:
-        mode = "local" if self.local else self.cut_noise
+        mode = "local" if self.local else "server" if self.all_server else self.cut_noise
         return cfg.out / mode / f"seed{self.seed}" / f"c{self.cut_ratio:.2f}"
 
     @property
@@ -69,12 +69,18 @@ class Run:
         return DiffusionConfig().cut_level(self.cut_ratio) == DiffusionConfig().levels
 
     @property
+    def all_server(self) -> bool:
+        """c = 0: x_{t_c} is x₀ itself, no cut noise is drawn, so one run serves every mode."""
+        return DiffusionConfig().cut_level(self.cut_ratio) == 0
+
+    @property
     def label(self) -> str:
         return f"{'local' if self.local else self.cut_noise} seed {self.seed} c={self.cut_ratio:.2f}"
 
 
 def runs(cfg: SweepConfig) -> list[Run]:
-    """Every run, seed by seed (so that a sweep stopped midway has whole seeds), c = 1 once per seed."""
+    """Every run, seed by seed (so that a sweep stopped midway has whole seeds), c = 0 and c = 1
+    once per seed."""
     seen, out = set(), []
     for seed in cfg.seeds:
         for mode in cfg.cut_noise:
@@ -337,6 +343,7 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> list[dict
     for seed in cfg.seeds:
         data, real_feats = _real_features(cfg, features, seed)
         rows += [r for run in runs(cfg) if run.seed == seed for r in evaluate_run(cfg, run, say, features, data, real_feats)]
+    rows += [{**r, "cut_noise": mode} for r in rows if r["t_c"] == 0 for mode in cfg.cut_noise if mode != r["cut_noise"]]  # c = 0 in every mode
     summary = write_tables(rows, cfg.out)
     from collafuse.tools.plots import sweep_figure
 

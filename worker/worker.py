@@ -30,6 +30,8 @@ from collafuse.diffusion.split import ServerMessage
 from collafuse.common.energy import PhaseEnergy
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
+from collafuse.protocol.security import PeerKeys
+from collafuse.protocol.sockets import dealer
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 from collafuse.engine.server import ServerParty
 
@@ -68,6 +70,7 @@ class Worker(Stoppable):
             self.party.step = int(meta.get("step", 0))
             log.info("resumed the server model from %s at step %d", config.checkpoint, self.party.step)
         self.ctx = context or zmq.Context.instance()
+        self.keys = PeerKeys.load(Path(config.keys)) if config.keys else None
         self.sock: zmq.Socket | None = None
         self.engine = self.party.sampler(config.max_batch)
         self.denoising: dict[str, dict] = {}  # engine job id → envelope
@@ -90,10 +93,7 @@ class Worker(Stoppable):
         self.engine = self.party.sampler(self.config.max_batch)  # the broker re-queues what we held
         self.denoising.clear()
         self.pending.clear()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_frame_bytes)
-        self.sock.connect(self.config.broker)
+        self.sock = dealer(self.ctx, self.config.broker, self.limits.max_frame_bytes, self.keys)
         self.send(
             wire.encode(
                 "ready",
@@ -167,8 +167,8 @@ class Worker(Stoppable):
                 self.on_denoise(env, frames)
             elif kind in wire.RELAYED and len(frames) == 2:
                 self.on_relayed(kind, env, frames[1])
-            elif kind == "error" and env["code"] in (ErrorCode.NOT_JOINED, ErrorCode.INCOMPATIBLE):
-                if env["code"] == ErrorCode.INCOMPATIBLE:
+            elif kind == "error" and env["code"] in (ErrorCode.NOT_JOINED, ErrorCode.INCOMPATIBLE, ErrorCode.FORBIDDEN):
+                if env["code"] != ErrorCode.NOT_JOINED:
                     log.error("broker refused this worker: %s", env["reason"])
                     self.stopping = True
                 else:
@@ -176,6 +176,11 @@ class Worker(Stoppable):
         except ProtocolError as exc:
             exc.job = env.get("job", "")
             self.reply_error(env, exc)
+        except Exception as exc:  # a job must still get its one reply
+            if kind not in wire.KINDS_WITH_REPLY:
+                raise
+            log.exception("job %s of %s failed", env["job"], env["client"])
+            self.reply_error(env, ProtocolError(ErrorCode.INTERNAL, f"the worker failed on this job ({type(exc).__name__})", env["job"]))
 
     def on_train(self, env: dict, frames: list[zmq.Frame]) -> None:
         key = (env["client"], env["job"])
@@ -184,23 +189,19 @@ class Worker(Stoppable):
             return
         if len(frames) != 2:
             raise ProtocolError(ErrorCode.BAD_TENSOR, "train needs a tensor frame")
-        spec = wire.tensor_spec(env, self.shape)
-        arrays = tensors.decode(frames[1].buffer, spec, self.limits.max_frame_bytes)
-        t = torch.from_numpy(arrays["t"].copy())
-        if bool(((t <= env["t_c"]) | (t > self.limits.levels)).any()):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"train levels t must lie in ({env['t_c']}, {self.limits.levels}]")
-        x_t, eps = torch.from_numpy(arrays["x_t"].copy()), torch.from_numpy(arrays["eps"].copy())
-        if not (torch.isfinite(x_t).all() and torch.isfinite(eps).all()):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, "train tensors hold NaN or infinity")
+        arrays = tensors.decode(frames[1].buffer, wire.tensor_spec(env, self.shape), self.limits.max_frame_bytes)
+        wire.check_train_values(env, arrays, self.limits)
+        t, x_t, eps = (torch.from_numpy(arrays[k].copy()) for k in ("t", "x_t", "eps"))
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((env, ServerMessage(x_t, t, torch.full_like(t, env["t_c"]), eps)))
 
-    def maybe_train(self) -> None:
+    def maybe_train(self, flush: bool = False) -> None:
+        """One optimiser step when enough rows wait, the first has waited `train_wait`, or `flush`."""
         if not self.pending:
             return
         rows = sum(m.t.shape[0] for _, m in self.pending)
-        if rows < self.config.max_train_rows and time.monotonic() - self.pending_since < self.config.train_wait:
+        if not flush and rows < self.config.max_train_rows and time.monotonic() - self.pending_since < self.config.train_wait:
             return
         batch, total = [], 0
         while self.pending and (not batch or total + self.pending[0][1].t.shape[0] <= self.config.max_train_rows):
@@ -208,17 +209,22 @@ class Worker(Stoppable):
             batch.append((env, msg))
             total += msg.t.shape[0]
         with self.energy.phase("server_training"):
-            loss = self.party.train_step([m for _, m in batch])
-        self.stats["train_steps"] += 1
-        self.stats["train_rows"] += total
+            outcome = self.party.train_step([m for _, m in batch], [env["client"] for env, _ in batch])
         self.pending_since = time.monotonic()
-        for env, _ in batch:
-            ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(loss))
+        for i, (env, _) in enumerate(batch):
+            if i in outcome.refused:
+                self.reply_error(env, ProtocolError(ErrorCode.REFUSED, outcome.refused[i], env["job"]))
+                continue
+            ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(outcome.loss))
             self.applied[(env["client"], env["job"])] = ack
             self.send(ack)
+        if outcome.loss is None:
+            return
+        self.stats["train_steps"] += 1
+        self.stats["train_rows"] += total
         while len(self.applied) > 4096:
             self.applied.popitem(last=False)
-        self.stats["jobs"] += len(batch)
+        self.stats["jobs"] += len(batch) - len(outcome.refused)
         if self.party.step % self.config.sync_every == 0:
             self.publish_weights()
 
@@ -312,10 +318,8 @@ class Worker(Stoppable):
 
     def shutdown(self) -> None:
         """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once)."""
-        if self.pending:
-            self.pending_since = -1e9
-            while self.pending:
-                self.maybe_train()
+        while self.pending:
+            self.maybe_train(flush=True)
         if self.config.checkpoint:
             self.checkpoint()
         report = self.energy.stop()

@@ -1,0 +1,199 @@
+"""Hostile peers on loopback (DESIGN.md §7): every request gets exactly one reply, with a code; what
+no honest node sends is refused where it enters; nobody else is harmed; memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from collafuse.protocol import tensors, wire
+from collafuse.system.launch import Fleet
+from tests.netclient import RawClient, RawWorker
+from tests.test_system import _status, start_broker, start_worker
+
+SHAPE = (1, 32, 32)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = Fleet(tmp_path / "logs", threads=1)
+    yield f
+    f.stop_all(timeout=20)
+
+
+def _train_arrays(rows: int, seed: int, t_c: int = 60) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x_t": rng.standard_normal((rows, *SHAPE), dtype=np.float32), "t": rng.integers(t_c + 1, 101, rows).astype(np.int64),
+            "eps": rng.standard_normal((rows, *SHAPE), dtype=np.float32)}
+
+
+def _one_reply(client: RawClient, timeout: float = 30.0) -> dict:
+    """The one reply to what was just sent, and nothing after it."""
+    env, _ = client.recv(timeout)
+    while env["type"] == "heartbeat":
+        env, _ = client.recv(timeout)
+    with pytest.raises(TimeoutError):
+        more, _ = client.recv(0.3)
+        if more["type"] != "heartbeat":
+            raise AssertionError(f"a second reply: {more}")
+        raise TimeoutError
+    return env
+
+
+def _header(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_hostile_client_between_honest_jobs_gets_one_error_each_and_changes_nothing(fleet, tmp_path):
+    front, back = start_broker(fleet)
+    early = RawClient(front, "early")
+    early.send(wire.encode("hello", client="early", t_c=60, image_shape=list(SHAPE), levels=100))
+    assert _one_reply(early)["code"] == "unavailable"  # no worker yet: the shape is not known, so no welcome
+    checkpoint = tmp_path / "server.safetensors"
+    start_worker(fleet, back, front, "w0", "--max-train-rows", "4", "--train-wait", "0", "--checkpoint", str(checkpoint))
+    alice, mallory = RawClient(front, "alice"), RawClient(front, "mallory")
+    alice.hello()
+    mallory.hello()
+
+    def train(over: dict, rows: int = 4):
+        arrays = {**_train_arrays(rows, 99), **over}
+        return [wire.encode("train", job="m", client="mallory", rows=rows, t_c=60), tensors.encode(arrays)]
+
+    nested = struct.pack("<Q", 100_000) + b"[" * 100_000
+    hostile = [
+        (train({"x_t": np.full((4, *SHAPE), np.nan, np.float32)}), "bad_tensor"),
+        (train({"eps": np.full((4, *SHAPE), np.inf, np.float32)}), "bad_tensor"),
+        (train({"x_t": np.full((4, *SHAPE), 1e30, np.float32)}), "bad_tensor"),
+        (train({"eps": np.full((4, *SHAPE), 100.0, np.float32)}), "bad_tensor"),
+        (train({"eps": np.full((4, *SHAPE), 1e16, np.float32)}), "bad_tensor"),
+        (train({"t": np.full(4, 30, np.int64)}), "bad_tensor"),
+        ([msgpack.packb({"v": 2, "type": ["train"]})], "unknown_type"),
+        ([msgpack.packb({"v": 2.0, "type": "status"})], "bad_version"),
+        ([wire.encode("train", job="m", client="mallory", rows=4, t_c=60), nested], "bad_tensor"),
+        ([wire.encode("train", job="m", client="mallory", rows=1, t_c=60),
+          _header({"x_t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)], "bad_tensor"),
+        (train({}, rows=64), "too_large"),  # more rows than the trainer's credit (2 × 4): once queued forever
+        ([wire.encode("denoise", job="m", client="mallory", count=1000, t_c=60, seed=0, first_row=0, sampler="ddim", steps=4, eta=0.0)], "too_large"),
+    ]
+    honest: list[dict[str, np.ndarray]] = []
+    for i, (frames, code) in enumerate(hostile):
+        arrays = _train_arrays(4, i)
+        honest.append(arrays)
+        alice.send(wire.encode("train", job=f"h{i}", client="alice", rows=4, t_c=60), tensors.encode(arrays))
+        ack = _one_reply(alice)
+        assert ack["type"] == "ack" and ack["job"] == f"h{i}" and np.isfinite(ack["loss"]), ack
+        env = msgpack.unpackb(frames[0])
+        if "job" in env:  # a fresh id each time, so that no answer comes from the reply cache
+            frames = [msgpack.packb({**env, "job": f"m{i}"}), *frames[1:]]
+        mallory.send(*frames)
+        reply = _one_reply(mallory)
+        assert reply["type"] == "error" and reply["code"] == code, (i, reply)
+    # a job id stands for one request: re-sent as is, the cached answer; changed, a conflict
+    mallory.denoise("d", count=2)
+    first = _one_reply(mallory)
+    mallory.denoise("d", count=2)
+    assert _one_reply(mallory) == first
+    mallory.denoise("d", count=3)
+    assert _one_reply(mallory)["code"] == "conflict"
+    mallory.train("d")
+    assert _one_reply(mallory)["code"] == "conflict"  # a train job under a denoise job's id
+    alice.denoise("g", count=3)
+    result = alice.recv(30)
+    assert result[0]["type"] == "result"
+    assert np.isfinite(tensors.decode(result[1][0], None, 1 << 26)["x"]).all()
+    assert fleet.stop("w0") == 0
+    # the server model is exactly the one trained on alice's jobs alone, one step each
+    from collafuse.diffusion.split import ServerMessage
+    from collafuse.engine.server import ServerParty
+
+    alone, threads = ServerParty(SHAPE, seed=0), torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (the fleet's processes run one thread): the same float order
+    try:
+        for arrays in honest:
+            t = torch.from_numpy(arrays["t"])
+            message = ServerMessage(torch.from_numpy(arrays["x_t"]), t, torch.full_like(t, 60), torch.from_numpy(arrays["eps"]))
+            assert alone.train_step([message], ["alice"]).loss
+    finally:
+        torch.set_num_threads(threads)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        saved = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert all(torch.allclose(saved[k], v, atol=1e-6) for k, v in alone.model.state_dict().items())
+    st = _status(front)
+    assert st["clients"]["mallory"]["errors"] >= 10 and fleet.alive("broker")
+
+
+def test_every_accepted_job_gets_one_final_reply_whatever_the_workers_do(fleet):
+    """Raw workers misbehave in each way a job could once be stranded. (The raw worker sends no
+    heartbeats, so the broker is told to wait long before it counts it dead.)"""
+    front, back = start_broker(fleet, "--no-worker-wait", "1", "--job-timeout", "1", "--heartbeat-liveness", "200")
+    rogue = RawWorker(back, "rogue")
+    rogue.ready(denoise_credit=8, train_credit=8)
+    wait = time.monotonic() + 10
+    while not (_status(front) or {}).get("workers") and time.monotonic() < wait:
+        time.sleep(0.05)
+    node = RawClient(front, "n")
+    node.hello()
+    # a reply that fails validation (a NaN loss) becomes an error for the node, and the credit returns
+    node.train("t1")
+    env, _ = rogue.next_job()
+    rogue.send(msgpack.packb({"v": 2, "type": "ack", "job": env["job"], "client": env["client"], "step": 1, "loss": float("nan")}))
+    reply = _one_reply(node)
+    assert reply["code"] == "internal" and "invalid" in reply["reason"] and reply["job"] == "t1"
+    # a result for a train job, or with the wrong rows, likewise
+    node.train("t2")
+    env, _ = rogue.next_job()
+    rogue.send(wire.encode("result", job="t2", client="n", count=4), tensors.encode({"x": np.zeros((4, *SHAPE), np.float32)}))
+    assert _one_reply(node)["code"] == "internal"
+    node.denoise("d1", count=2)
+    env, _ = rogue.next_job()
+    rogue.send(wire.encode("result", job="d1", client="n", count=2), tensors.encode({"x": np.zeros((3, *SHAPE), np.float32)}))
+    assert _one_reply(node)["code"] == "internal"
+    # a worker that holds a job past the job timeout: the node hears `timeout`, the late answer is dropped
+    node.denoise("d2", count=2)
+    env, _ = rogue.next_job()
+    assert _one_reply(node, timeout=10)["code"] == "timeout"
+    rogue.send(wire.encode("result", job="d2", client="n", count=2), tensors.encode({"x": np.zeros((2, *SHAPE), np.float32)}))
+    with pytest.raises(TimeoutError):
+        node.recv(0.5)
+    # no worker at all: queued jobs are answered `unavailable` after the wait, not kept forever
+    rogue.send(wire.encode("bye"))
+    time.sleep(0.3)
+    node.denoise("d3", count=2)
+    assert _one_reply(node, timeout=10)["code"] == "unavailable"
+    # a heartbeat from a connection that never said hello is told so (a restarted broker's answer)
+    stranger = RawClient(front, "stranger")
+    stranger.send(wire.encode("heartbeat"))
+    assert _one_reply(stranger)["code"] == "not_joined"
+    assert fleet.alive("broker")
+
+
+def test_invented_names_are_capped_and_forgotten(fleet):
+    front, back = start_broker(fleet, "--max-clients", "20", "--client-idle-expiry", "1")
+    rogue = RawWorker(back, "w")
+    rogue.ready()
+    time.sleep(0.3)
+    codes = []
+    for i in range(30):
+        c = RawClient(front, f"name{i}")
+        c.send(wire.encode("hello", client=f"name{i}", t_c=60, image_shape=list(SHAPE), levels=100))
+        env, _ = c.recv()
+        codes.append(env.get("code", env["type"]))
+        c.close()
+    assert codes.count("welcome") == 20 and codes.count("busy") == 10
+    assert _status(front)["clients_total"] == 20
+    deadline = time.monotonic() + 10
+    while _status(front)["clients_total"] and time.monotonic() < deadline:
+        rogue.send(wire.encode("heartbeat"))
+        time.sleep(0.2)
+    assert _status(front)["clients_total"] == 0  # idle names expire
+    late = RawClient(front, "late")
+    late.hello()  # room again
