@@ -383,6 +383,7 @@ def sweep(
     samples: int = typer.Option(64, "--samples", min=4, help="Images generated per client."),
     real_images: int = typer.Option(512, "--real-images", min=4, help="Real images per client for KID (half as many hold-out images)."),
     nonmembers: int = typer.Option(1024, "--nonmembers", min=2, help="Hold-out images for the audit's membership inference."),
+    disclosure_kid: bool = typer.Option(True, "--disclosure-kid/--no-disclosure-kid", help="Also the KID and nearest-image MSE of the server's output at t_c (twice the Inception work; the audit measures disclosure either way)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes (needed for the privacy audit)."),
     client_model: str = typer.Option("tiny", "--client-model", help="Client U-Net preset."),
     server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
@@ -402,7 +403,8 @@ def sweep(
         fail(f"cut-noise modes are keyed and fresh, got {cut_noise!r}")
     cfg = SweepConfig(out=out, cut_ratios=parse_ratios(cut_ratios), seeds=seed_list, cut_noise=modes, clients=clients, steps=steps,
                       batch_size=batch_size, image_size=image_size, samples=samples, real_images=real_images, nonmembers=nonmembers,
-                      in_process=in_process, client_model=client_model, server_model=server_model, device=device)
+                      in_process=in_process, client_model=client_model, server_model=server_model, device=device,
+                      disclosure_kid=disclosure_kid)
 
     def say(line: str) -> None:
         typer.echo(line, err=True)

@@ -45,6 +45,7 @@ class SweepConfig:
     samples: int = 64  # generated images per client
     real_images: int = 512  # real images per client that KID compares with (half as many hold-out images)
     nonmembers: int = 1024  # hold-out images for the audit's membership inference (1,000 allow TPR at 0.1 % FPR)
+    disclosure_kid: bool = True  # KID of the server's output at t_c (doubles the Inception work of a run; the audit measures disclosure too)
     in_process: bool = True
     device: str = "auto"
     client_model: str = "tiny"
@@ -209,7 +210,7 @@ def evaluate_run(cfg: SweepConfig, run: Run, say: Callable[[str], None], feature
         row["kid_holdout"], row["kid_holdout_std"] = _kid(gen_feats, real_feats["holdout"])
         row.update({k: math.nan for k in ("kid_produced", "kid_produced_std", "mse_produced_nearest", *AUDIT_COLUMNS, "twins_found",
                                           *MEMBERSHIP_COLUMNS)})
-        if not run.local:
+        if not run.local and cfg.disclosure_kid:
             produced = samples[name]["server_output"].clamp(-1, 1)
             row["mse_produced_nearest"] = nearest_mse(produced, data.clients[i])
             row["kid_produced"], row["kid_produced_std"] = _kid(features(produced), real_feats["client"][i])
