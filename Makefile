@@ -36,7 +36,7 @@ simulate: $(VENV)/.installed
 	$(VENV)/bin/collafuse simulate --clients 3 --cut-ratio 0.6 --image-size 32 --steps 600 --batch-size 16 --out runs/simulate
 
 sweep: $(EVAL_VENV)/.installed
-	$(EVAL_VENV)/bin/collafuse sweep --in-process --cut-ratios 0,0.2,0.4,0.6,0.8,1 --clients 3 --steps 600 --out runs/sweep
+	$(EVAL_VENV)/bin/collafuse sweep --in-process --cut-ratios 0,0.2,0.4,0.6,1 --seeds 0,1,2 --cut-noise keyed,fresh --clients 3 --steps 120 --real-images 128 --nonmembers 256 --no-disclosure-kid --device cpu --out runs/sweep-privacy
 
 test: $(EVAL_VENV)/.installed
 	$(EVAL_VENV)/bin/python -m pytest -q
