@@ -64,12 +64,9 @@ class Job:
     frames: list[zmq.Frame]  # envelope (+ tensors), forwarded untouched
     received: float
     digest: int
+    nbytes: int  # envelope and tensors, for the broker's cap on queued bytes
     worker: bytes | None = None  # the worker holding it; None while queued
     dispatched: float = 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f.buffer) for f in self.frames)
 
 
 @dataclass
@@ -313,16 +310,17 @@ class Broker(Stoppable):
             self.reply_node(route, cached[1])  # a retry of a job already answered
             return
         try:
-            rows = self.check_job(client, env, frames)
+            size = sum(len(f.buffer) for f in frames)
+            rows = self.check_job(client, env, frames, size)
         except ProtocolError as exc:
             self.node_error(route, exc, client)
             return
-        job = Job(client.name, job_id, kind, rows, frames, time.monotonic(), sent)
+        job = Job(client.name, job_id, kind, rows, frames, time.monotonic(), sent, size)
         self.jobs[key] = job
         client.counts["submitted"] += 1
         self.enqueue(job)
 
-    def check_job(self, client: ClientState, env: dict, frames: list[zmq.Frame]) -> int:
+    def check_job(self, client: ClientState, env: dict, frames: list[zmq.Frame], size: int) -> int:
         """The job's rows, after checking its tensor frame against the envelope and its size
         against what workers and queues can take; raises ProtocolError."""
         kind, job_id = env["type"], env["job"]
@@ -339,7 +337,6 @@ class Broker(Stoppable):
         rows = env["rows"] if kind == "train" else env["count"]
         if rows > self.max_job_rows(kind):
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{kind} of {rows} rows exceeds the {self.max_job_rows(kind)} rows a worker takes at once", job_id)
-        size = sum(len(f.buffer) for f in frames)
         if client.queued() >= self.config.max_queue_per_client or self.queued_bytes + size > self.config.max_queued_bytes:
             client.counts["busy"] += 1
             raise ProtocolError(ErrorCode.BUSY, f"queue of {client.name} (or the broker's) is full; retry later", job_id)
