@@ -38,6 +38,7 @@ import zmq
 from collafuse.common.config import BrokerConfig
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import security, tensors, wire
+from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger("collafuse.broker")
@@ -146,23 +147,12 @@ class Broker(Stoppable):
         while not self.stopping:
             events = dict(poller.poll(min(interval_ms, 100)))
             if self.backend in events:
-                self._drain(self.backend, self.on_worker)
+                drain(self.backend, lambda frames: self.on_worker(frames[0].bytes, frames[1:]))
             if self.frontend in events:
-                self._drain(self.frontend, self.on_node)
+                drain(self.frontend, lambda frames: self.on_node(frames[0].bytes, frames[1:]))
             self.dispatch()
             self.heartbeat()
         self.close()
-
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handler(frames[0].bytes, frames[1:])
-            except Exception:  # one bad message must never stop the broker
-                log.exception("unexpected error while handling a message")
 
     def close(self) -> None:
         self.frontend.close(0)

@@ -20,7 +20,7 @@ import zmq
 from collafuse.common.config import HeartbeatConfig, ProtocolLimits
 from collafuse.protocol import wire
 from collafuse.protocol.security import PeerKeys
-from collafuse.protocol.sockets import dealer
+from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger("collafuse.node")
@@ -117,15 +117,7 @@ class BrokerLink:
         assert self.sock is not None
         replies: list[Reply] = []
         if self.sock.poll(int(timeout * 1000), zmq.POLLIN):
-            for _ in range(10_000):
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.last_heard = time.monotonic()
-                reply = self._on_message(frames)
-                if reply is not None:
-                    replies.append(reply)
+            drain(self.sock, lambda frames: self._on_message(frames, replies), cap=10_000, passes=(BrokerRefused,))
         now = time.monotonic()
         for job_id, o in self.outstanding.items():
             if o.retry_at and now >= o.retry_at:
@@ -138,7 +130,13 @@ class BrokerLink:
             self._reconnect(f"broker silent for {now - self.last_heard:.1f} s")
         return replies
 
-    def _on_message(self, frames: list[zmq.Frame]) -> Reply | None:
+    def _on_message(self, frames: list[zmq.Frame], replies: list[Reply]) -> None:
+        self.last_heard = time.monotonic()
+        reply = self._reply(frames)
+        if reply is not None:
+            replies.append(reply)
+
+    def _reply(self, frames: list[zmq.Frame]) -> Reply | None:
         try:
             env = wire.decode(frames[0].buffer, self.limits)
         except ProtocolError as exc:

@@ -24,7 +24,7 @@ from collafuse.diffusion.schedule import Scheduler
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
-from collafuse.protocol.sockets import dealer
+from collafuse.protocol.sockets import dealer, drain
 
 CLIENTS_PER_SOCKET = 50
 
@@ -110,6 +110,28 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
         c.sock.send_multipart(c.frames, copy=False)
         submitted += 1
 
+    def on_reply(frames: list[zmq.Frame]) -> None:
+        nonlocal completed, completed_total, image_steps
+        env = wire.decode(frames[0].buffer, limits)
+        if env["type"] == "welcome":
+            return
+        c = clients.get(env.get("client", "")) or next((x for x in clients.values() if x.job == env.get("job")), None)
+        if c is None or env.get("job") != c.job:
+            return
+        if env["type"] == "error" and env["code"] == "busy":
+            errors["busy"] = errors.get("busy", 0) + 1
+            c.retry_at = time.monotonic() + cfg.retry_after
+            return
+        if env["type"] == "error":
+            errors[env["code"]] = errors.get(env["code"], 0) + 1
+        else:
+            completed_total += 1
+            latencies.append(time.monotonic() - c.sent_at)
+            if time.monotonic() <= deadline:
+                completed += 1
+                image_steps += c.image_steps
+        c.job = None
+
     for c in clients.values():
         c.sock.send(wire.encode("hello", client=c.name, t_c=cfg.cut_levels[0], image_shape=list(shape), levels=cfg.levels))
     before = _worker_stats(cfg.broker, cfg.admin_keys)
@@ -127,30 +149,7 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
             say(f"[loadtest] {now - start:5.1f} s  completed {completed_total}  outstanding {outstanding}  errors {sum(errors.values())}")
             next_report = now + 5
         for sock, _ in poller.poll(50):
-            for _ in range(1000):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                env = wire.decode(frames[0], limits)
-                if env["type"] == "welcome":
-                    continue
-                c = clients.get(env.get("client", "")) or next((x for x in clients.values() if x.job == env.get("job")), None)
-                if c is None or env.get("job") != c.job:
-                    continue
-                if env["type"] == "error" and env["code"] == "busy":
-                    errors["busy"] = errors.get("busy", 0) + 1
-                    c.retry_at = time.monotonic() + cfg.retry_after
-                    continue
-                if env["type"] == "error":
-                    errors[env["code"]] = errors.get(env["code"], 0) + 1
-                else:
-                    completed_total += 1
-                    latencies.append(time.monotonic() - c.sent_at)
-                    if time.monotonic() <= deadline:
-                        completed += 1
-                        image_steps += c.image_steps
-                c.job = None
+            drain(sock, on_reply)
         now = time.monotonic()
         for c in clients.values():
             if c.job is None and now < deadline:

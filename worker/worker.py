@@ -31,7 +31,7 @@ from collafuse.common.energy import PhaseEnergy
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
-from collafuse.protocol.sockets import dealer
+from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 from collafuse.engine.server import ServerParty
 
@@ -125,7 +125,7 @@ class Worker(Stoppable):
             busy = not self.engine.idle() or bool(self.pending)
             assert self.sock is not None
             if self.sock.poll(0 if busy else int(hb.interval * 1000 / 2), zmq.POLLIN):
-                self.drain()
+                drain(self.sock, self.on_message)
             self.maybe_train()
             if not self.engine.idle():
                 self.denoise_once()
@@ -140,20 +140,8 @@ class Worker(Stoppable):
                 self.checkpoint()
         self.shutdown()
 
-    def drain(self) -> None:
-        assert self.sock is not None
-        for _ in range(1000):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.last_heard = time.monotonic()
-            try:
-                self.on_message(frames)
-            except Exception:
-                log.exception("unexpected error while handling a message")
-
     def on_message(self, frames: list[zmq.Frame]) -> None:
+        self.last_heard = time.monotonic()
         try:
             env = wire.decode(frames[0].buffer, self.limits)
         except ProtocolError as exc:
