@@ -66,8 +66,7 @@ class Job:
     received: float
     digest: int
     nbytes: int  # envelope and tensors, for the broker's cap on queued bytes
-    worker: bytes | None = None  # the worker holding it; None while queued
-    dispatched: float = 0.0
+    dispatched: float = 0.0  # when a worker took it (the worker's `jobs` says which)
 
 
 @dataclass
@@ -76,6 +75,7 @@ class ClientState:
     route: bytes
     image_shape: tuple[int, int, int]
     last_seen: float
+    t_c: int = 0  # the cut it announced in hello: shown in status, so an operator sees who sends what
     queues: dict[str, deque[Job]] = field(default_factory=lambda: {k: deque() for k in KINDS})
     replies: OrderedDict[str, tuple[int, list[zmq.Frame]]] = field(default_factory=OrderedDict)  # job → (digest, reply)
     counts: dict[str, int] = field(default_factory=lambda: {"submitted": 0, "completed": 0, "errors": 0, "busy": 0})
@@ -242,7 +242,7 @@ class Broker(Stoppable):
                 self.node_error(route, ProtocolError(ErrorCode.BUSY, f"this broker serves {self.config.max_clients} clients at most; retry later"))
                 return
             client = self.clients[env["client"]] = ClientState(env["client"], route, shape, now)  # type: ignore[arg-type]
-        client.route, client.last_seen = route, now
+        client.route, client.last_seen, client.t_c = route, now, env["t_c"]
         self.routes[route] = client.name
         self.routes.move_to_end(route)
         while len(self.routes) > 4 * self.config.max_clients:
@@ -476,7 +476,6 @@ class Broker(Stoppable):
 
     def requeue(self, worker: WorkerState) -> None:
         for job in sorted(worker.jobs.values(), key=lambda j: j.received, reverse=True):
-            job.worker = None
             if self.jobs.get((job.client, job.job_id)) is job:  # not already answered (e.g. timed out)
                 self.enqueue(job, front=True)
         worker.jobs.clear()
@@ -509,7 +508,7 @@ class Broker(Stoppable):
                 if worker is None:
                     continue
                 job = self.dequeue(entry)
-                job.worker, job.dispatched = worker.route, time.monotonic()
+                job.dispatched = time.monotonic()
                 worker.credit[kind] -= job.rows
                 worker.jobs[(name, job.job_id)] = job
                 self.backend.send_multipart([worker.route, *job.frames], copy=False)
@@ -598,5 +597,5 @@ class Broker(Stoppable):
                 for w in list(self.workers.values())[: self.config.max_status_clients]
             ],
             "clients_total": len(self.clients),
-            "clients": {c.name: {**c.counts, "queued": c.queued(), "in_flight": in_flight.get(c.name, 0)} for c in listed},
+            "clients": {c.name: {**c.counts, "t_c": c.t_c, "queued": c.queued(), "in_flight": in_flight.get(c.name, 0)} for c in listed},
         }

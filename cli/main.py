@@ -10,55 +10,45 @@ from typing import Optional
 
 import typer
 
-from collafuse.cli.options import HB_INTERVAL, HB_LIVENESS, INSECURE, KEYS, LEVELS, MAX_FRAME, fail, key_folder, parse_ratios
-from collafuse.common.config import BrokerConfig
-
-app = typer.Typer(
-    help="CollaFuse: collaborative split diffusion. Edge nodes keep their data and the last "
-    "denoising steps; a shared server model does the noisy first steps for everybody.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+from collafuse.cli.options import DEVICE, INSECURE, MAX_FRAME, Connection, Keys, ServerModel, command_line, fail, key_folder, parse_ratios, takes, user_errors
+from collafuse.common.config import (
+    BrokerConfig, DataConfig, DemoConfig, DiffusionConfig, LoadConfig, SamplerConfig, SimulateConfig, SweepConfig, TrainConfig, WorkerConfig,
 )
 
-
-@app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log connection and scheduling events.")) -> None:
-    """CollaFuse: collaborative split diffusion between edge nodes and a shared server model."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+app = command_line(
+    "CollaFuse: collaborative split diffusion. Edge nodes keep their data and the last "
+    "denoising steps; a shared server model does the noisy first steps for everybody.",
+    "Log connection and scheduling events.",
+)
 
 
 @app.command()
 def simulate(
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, samples.png and checkpoints/."),
-    clients: int = typer.Option(3, help="Number of clients."),
-    cut_ratio: str = typer.Option("0.6", "--cut-ratio", help="c in [0,1]: one for all clients, or a comma list, one per client. The client owns levels 1..round(c*T)."),
-    image_size: int = typer.Option(32, help="Image side: 32, 64 or 128."),
-    steps: int = typer.Option(600, help="Training steps (each: one local step per client, one merged server step)."),
-    data: str = typer.Option("mni", help="'mni' (embedded MNI152 slices), 'brats:PATH' or 'images:PATH'."),
-    client_model: str = typer.Option("tiny", help="Client U-Net preset: tiny, paper or large."),
-    server_model: str = typer.Option("tiny", help="Server U-Net preset: tiny, paper or large."),
-    batch_size: int = typer.Option(16, help="Images per client per step."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (both parties)."),
-    images_per_client: int = typer.Option(512, help="Augmented images per client (embedded data)."),
-    samples: int = typer.Option(16, help="Images generated per client at the end."),
-    sampler: str = typer.Option("ancestral", help="'ancestral' (every level) or 'ddim'."),
-    ddim_steps: int = typer.Option(20, help="Total DDIM steps over T..0, shared by the parties in proportion."),
-    cut_noise: str = typer.Option("keyed", help="'keyed': one secret ε₁ per image (each client's secret in OUT/secrets/); 'fresh': one per message, for comparison (the server gets a view per message)."),
-    levels: int = typer.Option(100, help="T, the number of noise levels."),
-    seed: int = typer.Option(0, help="Seed for data shards, augmentation and training."),
-    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
+    clients: int = typer.Option(DataConfig.clients, help="Number of clients."),
+    cut_ratio: str = typer.Option(",".join(map(str, SimulateConfig.cut_ratios)), "--cut-ratio", help="c in [0,1]: one for all clients, or a comma list, one per client. The client owns levels 1..round(c*T)."),
+    image_size: int = typer.Option(DataConfig.image_size, help="Image side: 32, 64 or 128."),
+    steps: int = typer.Option(SimulateConfig.steps, help="Training steps (each: one local step per client, one merged server step)."),
+    data: str = typer.Option(DataConfig.spec, help="'mni' (embedded MNI152 slices), 'brats:PATH' or 'images:PATH'."),
+    client_model: str = typer.Option(SimulateConfig.client_model, help="Client U-Net preset: tiny, paper or large."),
+    server_model: str = typer.Option(SimulateConfig.server_model, help="Server U-Net preset: tiny, paper or large."),
+    batch_size: int = typer.Option(SimulateConfig().train.batch_size, help="Images per client per step."),
+    lr: float = typer.Option(TrainConfig.learning_rate, help="Adam learning rate (both parties)."),
+    images_per_client: int = typer.Option(DataConfig.images_per_client, help="Augmented images per client (embedded data)."),
+    samples: int = typer.Option(SimulateConfig.samples_per_client, help="Images generated per client at the end."),
+    sampler: str = typer.Option(SamplerConfig.kind, help="'ancestral' (every level) or 'ddim'."),
+    ddim_steps: int = typer.Option(SamplerConfig.ddim_steps, help="Total DDIM steps over T..0, shared by the parties in proportion."),
+    cut_noise: str = typer.Option(SimulateConfig.cut_noise, help="'keyed': one secret ε₁ per image (each client's secret in OUT/secrets/); 'fresh': one per message, for comparison (the server gets a view per message)."),
+    levels: int = typer.Option(DiffusionConfig.levels, help="T, the number of noise levels."),
+    seed: int = typer.Option(DataConfig.seed, help="Seed for data shards, augmentation and training."),
+    device: str = typer.Option(SimulateConfig.device, help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints."),
 ) -> None:
     """Run every party in one process, with the distributed system's exact math."""
-    from collafuse.common.config import DataConfig, DiffusionConfig, SamplerConfig, SimulateConfig, TrainConfig
     from collafuse.datasets import DataError
     from collafuse.engine.simulate import run_simulation
 
-    try:
+    with user_errors(DataError, ValueError, FileNotFoundError):
         config = SimulateConfig(
             cut_ratios=parse_ratios(cut_ratio),
             steps=steps,
@@ -75,8 +65,6 @@ def simulate(
         )
         config.client_cut_ratios()
         metrics = run_simulation(config, out, resume=resume)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
     wall = metrics["wall_seconds"]
     typer.echo(f"done in {wall['total']:.0f} s (train {wall['train']:.0f} s, sampling {wall['sample']:.0f} s) on {metrics['device']}")
     for name, curve in metrics["losses"].items():
@@ -84,114 +72,96 @@ def simulate(
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'real.png'}, {out / 'checkpoints'}/")
 
 
-
-
 @app.command()
+@takes(Connection)
 def broker(
-    frontend: str = typer.Option("tcp://127.0.0.1:5555", "--frontend", help="Address nodes connect to (bind)."),
-    backend: str = typer.Option("tcp://127.0.0.1:5556", "--backend", help="Address workers connect to (bind)."),
+    conn: Connection,
+    frontend: str = typer.Option(BrokerConfig.frontend, "--frontend", help="Address nodes connect to (bind)."),
+    backend: str = typer.Option(BrokerConfig.backend, "--backend", help="Address workers connect to (bind)."),
     max_queue: int = typer.Option(BrokerConfig.max_queue_per_client, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
     max_clients: int = typer.Option(BrokerConfig.max_clients, "--max-clients", min=1, help="Client names known at once; a hello beyond is answered 'busy'."),
     client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
     no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
     job_timeout: float = typer.Option(BrokerConfig.job_timeout, "--job-timeout", min=0.0, help="Seconds a worker may hold a job; then it is answered 'timeout'."),
-    keys: Optional[Path] = KEYS,
-    insecure: bool = INSECURE,
-    heartbeat_interval: float = HB_INTERVAL,
-    heartbeat_liveness: int = HB_LIVENESS,
     max_frame_bytes: int = MAX_FRAME,
-    levels: int = LEVELS,
 ) -> None:
     """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats, one final
     reply per accepted job within the bounds set below. No torch."""
     import zmq
 
     from collafuse.broker.broker import Broker
-    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol.security import KeyFolderError
 
     config = BrokerConfig(
         frontend=frontend,
         backend=backend,
-        keys=key_folder(keys, insecure),
+        keys=conn.folder(),
         max_queue_per_client=max_queue,
         max_clients=max_clients,
         client_idle_expiry=client_idle_expiry,
         no_worker_wait=no_worker_wait,
         job_timeout=job_timeout,
-        heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
-        limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
+        heartbeat=conn.heartbeat(),
+        limits=conn.limits(max_frame_bytes),
     )
-    from collafuse.protocol.security import KeyFolderError
-
-    try:
-        b = Broker(config)
-    except zmq.ZMQError as exc:
-        fail(f"cannot bind {frontend} / {backend}: {exc}")
-    except KeyFolderError as exc:
-        fail(str(exc))
+    with user_errors(KeyFolderError):
+        try:
+            b = Broker(config)
+        except zmq.ZMQError as exc:
+            fail(f"cannot bind {frontend} / {backend}: {exc}")
     b.install_signal_handlers()
-    typer.echo(f"broker: nodes -> {frontend}, workers -> {backend}" + (f", keys {keys}" if keys else ", plain TCP"), err=True)
+    typer.echo(f"broker: nodes -> {frontend}, workers -> {backend}" + (f", keys {conn.keys}" if conn.keys else ", plain TCP"), err=True)
     b.run()
     typer.echo("broker: stopped", err=True)
 
 
 @app.command()
+@takes(ServerModel, Connection)
 def worker(
-    broker: str = typer.Option("tcp://127.0.0.1:5556", "--broker", help="The broker's backend address."),
-    name: str = typer.Option("worker", "--name", help="Worker name shown in status."),
-    device: str = typer.Option("auto", "--device", help="'auto' (CUDA when present), 'cpu' or 'cuda:N'."),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
-    queue_rows: int = typer.Option(64, "--queue-rows", min=0, help="Denoising rows held beyond the pool so it stays full (credit = max batch + this)."),
-    model: str = typer.Option("tiny", "--model", help="Server U-Net preset: tiny, paper or large."),
-    image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
-    train: bool = typer.Option(True, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time)."),
-    max_train_rows: int = typer.Option(256, "--max-train-rows", min=1, help="Training rows merged into one optimiser step."),
-    train_wait: float = typer.Option(0.05, "--train-wait", min=0.0, help="Seconds the first waiting training row waits for company."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the server model."),
-    sync_every: int = typer.Option(20, "--sync-every", min=1, help="The trainer publishes weights every N optimiser steps."),
-    checkpoint: str = typer.Option("", "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CUDA."),
+    served: ServerModel,
+    conn: Connection,
+    broker: str = typer.Option(WorkerConfig.broker, "--broker", help="The broker's backend address."),
+    name: str = typer.Option(WorkerConfig.name, "--name", help="Worker name shown in status."),
+    queue_rows: int = typer.Option(WorkerConfig.queue_rows, "--queue-rows", min=0, help="Denoising rows held beyond the pool so it stays full (credit = max batch + this)."),
+    train: bool = typer.Option(WorkerConfig.trainer, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time)."),
+    max_train_rows: int = typer.Option(WorkerConfig.max_train_rows, "--max-train-rows", min=1, help="Training rows merged into one optimiser step."),
+    train_wait: float = typer.Option(WorkerConfig.train_wait, "--train-wait", min=0.0, help="Seconds the first waiting training row waits for company."),
+    lr: float = typer.Option(TrainConfig.learning_rate, "--lr", help="Adam learning rate of the server model."),
+    sync_every: int = typer.Option(WorkerConfig.sync_every, "--sync-every", min=1, help="The trainer publishes weights every N optimiser steps."),
+    checkpoint: str = typer.Option(WorkerConfig.checkpoint, "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
+    checkpoint_every: int = typer.Option(WorkerConfig.checkpoint_every, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
+    bf16: bool = typer.Option(WorkerConfig.bf16, "--bf16", help="bfloat16 autocast on CUDA."),
     cuda_graphs: Optional[bool] = typer.Option(
-        None, "--cuda-graphs/--no-cuda-graphs", show_default="on for CUDA devices",
+        WorkerConfig.cuda_graphs, "--cuda-graphs/--no-cuda-graphs", show_default="on for CUDA devices",
         help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
-    energy_report: str = typer.Option("", "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
-    keys: Optional[Path] = KEYS,
-    insecure: bool = INSECURE,
-    heartbeat_interval: float = HB_INTERVAL,
-    heartbeat_liveness: int = HB_LIVENESS,
+    seed: int = typer.Option(WorkerConfig.seed, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
+    energy_report: str = typer.Option(WorkerConfig.energy_report, "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
     max_frame_bytes: int = MAX_FRAME,
-    levels: int = LEVELS,
 ) -> None:
     """Serve the shared server model: batched training and continuous-batching denoising."""
-    from collafuse.common.config import HeartbeatConfig, ProtocolLimits, TrainConfig, WorkerConfig
+    from collafuse.protocol.security import KeyFolderError
     from collafuse.worker.worker import Worker
 
-    from collafuse.protocol.security import KeyFolderError
-
     config = WorkerConfig(
-        broker=broker, keys=key_folder(keys, insecure), name=name, device=device, model=model, image_size=image_size, max_batch=max_batch, queue_rows=queue_rows, train=train,
-        max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report, heartbeat=HeartbeatConfig(heartbeat_interval, heartbeat_liveness),
-        train_config=TrainConfig(learning_rate=lr), limits=ProtocolLimits(levels=levels, max_frame_bytes=max_frame_bytes),
+        broker=broker, keys=conn.folder(), name=name, device=served.device, model=served.model, image_size=served.image_size, max_batch=served.max_batch,
+        queue_rows=queue_rows, trainer=train, max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report,
+        seed=seed, heartbeat=conn.heartbeat(), train=TrainConfig(learning_rate=lr), limits=conn.limits(max_frame_bytes),
     )
-    try:
-        w = Worker(config, seed=seed)
-    except (ValueError, KeyFolderError) as exc:
-        fail(str(exc))
+    with user_errors(ValueError, KeyFolderError):
+        w = Worker(config)
     w.install_signal_handlers()
-    typer.echo(f"worker {name}: {model} model on {w.device}, max batch {max_batch}, broker {broker}", err=True)
+    typer.echo(f"worker {name}: {served.model} model on {w.device}, max batch {served.max_batch}, broker {broker}", err=True)
     w.run()
     typer.echo(f"worker {name}: stopped after {w.party.step} optimiser steps", err=True)
 
 
 @app.command()
+@takes(Keys)
 def status(
-    broker: str = typer.Option("tcp://127.0.0.1:5555", "--broker", help="The broker's frontend address."),
+    keys: Keys,
+    broker: str = typer.Option(BrokerConfig.frontend, "--broker", help="The broker's frontend address."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
-    keys: Optional[Path] = KEYS,
-    insecure: bool = INSECURE,
 ) -> None:
     """Show the broker's queues, in-flight jobs, workers and per-client counts (needs an admin key)."""
     import json
@@ -199,11 +169,9 @@ def status(
     from collafuse.protocol.admin import fetch_status
     from collafuse.protocol.security import KeyFolderError, PeerKeys
 
-    folder = key_folder(keys, insecure)
-    try:
+    folder = keys.folder()
+    with user_errors(TimeoutError, ConnectionError, KeyFolderError):
         st = fetch_status(broker, keys=PeerKeys.load(Path(folder)) if folder else None)
-    except (TimeoutError, ConnectionError, KeyFolderError) as exc:
-        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
@@ -214,16 +182,14 @@ def status(
         typer.echo(f"  {w['name']:<12}{role:<8} credit denoise {w['credit']['denoise']:>4} train {w['credit']['train']:>4}  in flight {w['in_flight']:>3}  done {w['completed']:>6}  seen {w['last_seen_s']} s ago")
     typer.echo(f"clients ({st['clients_total']}{', first ' + str(len(st['clients'])) + ' shown' if st['clients_total'] > len(st['clients']) else ''}):")
     for name, c in st["clients"].items():
-        typer.echo(f"  {name:<12} queued {c['queued']:>3}  in flight {c['in_flight']:>3}  submitted {c['submitted']:>6}  completed {c['completed']:>6}  errors {c['errors']:>3}  busy {c['busy']:>3}")
+        typer.echo(f"  {name:<12} t_c {c['t_c']:>3}  queued {c['queued']:>3}  in flight {c['in_flight']:>3}  submitted {c['submitted']:>6}  completed {c['completed']:>6}  errors {c['errors']:>3}  busy {c['busy']:>3}")
 
 
 @app.command()
+@takes(ServerModel)
 def up(
+    served: ServerModel,
     workers: int = typer.Option(1, "--workers", min=1, help="Workers to start; the first trains, all denoise."),
-    device: str = typer.Option("auto", "--device", help="Device for every worker."),
-    model: str = typer.Option("tiny", "--model", help="Server U-Net preset."),
-    image_size: int = typer.Option(32, "--image-size", help="Image side the server model takes."),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows in one denoising model call."),
     state: Path = typer.Option(Path("collafuse-server"), "--state", help="Folder for logs, keys (STATE/keys) and the server checkpoint."),
     insecure: bool = INSECURE,
 ) -> None:
@@ -243,16 +209,13 @@ def up(
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        frontend, backend = start_server_side(
-            fleet, workers, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch)], state,
-            keyring,
-        )
+        frontend, backend = start_server_side(fleet, workers, served.worker_args(), state, keyring)
         typer.echo(f"up: broker {frontend} (nodes) / {backend} (workers), {workers} worker(s); logs in {fleet.logs}")
         if keyring.folder is None:
-            typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {image_size} --insecure")
+            typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {served.image_size} --insecure")
         else:
             typer.echo(f"     add a node: collafuse keys add NAME --role node --broker {keyring.broker} --out NAME-keys")
-            typer.echo(f"     join with:  collafuse-node join --broker {frontend} --name NAME --image-size {image_size} --keys NAME-keys")
+            typer.echo(f"     join with:  collafuse-node join --broker {frontend} --name NAME --image-size {served.image_size} --keys NAME-keys")
             typer.echo(f"     status:     collafuse status --broker {frontend} --keys {keyring.peer('admin', 'admin')}")
         while not stop["now"] and all(fleet.alive(n) for n in list(fleet.procs)):
             time.sleep(0.5)
@@ -267,33 +230,31 @@ def up(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Report folder (report/ holds samples.png, real.png, metrics.json)."),
-    clients: int = typer.Option(3, "--clients", min=1, help="Nodes to start."),
-    cut_ratio: str = typer.Option("0.6", "--cut-ratio", help="One c for all nodes or a comma list, one per node."),
-    steps: int = typer.Option(600, "--steps", min=1, help="Local training steps per node."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per node per step."),
-    image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
-    samples: int = typer.Option(16, "--samples", min=1, help="Images each node generates at the end."),
-    client_model: str = typer.Option("tiny", "--client-model", help="Node U-Net preset."),
-    server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
-    device: str = typer.Option("auto", "--device", help="Device for the worker and nodes."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data shards and training."),
-    lockstep: bool = typer.Option(True, "--lockstep/--async", help="Lockstep: nodes wait for the server (which shares this CPU) so it trains on every step's rows. Async: nodes never wait and skip messages while their window is full, as on a real deployment with a GPU server."),
+    out: Path = typer.Option(DemoConfig.out, "--out", help="Report folder (report/ holds samples.png, real.png, metrics.json)."),
+    clients: int = typer.Option(DemoConfig.clients, "--clients", min=1, help="Nodes to start."),
+    cut_ratio: str = typer.Option(",".join(map(str, DemoConfig.cut_ratios)), "--cut-ratio", help="One c for all nodes or a comma list, one per node."),
+    steps: int = typer.Option(DemoConfig.steps, "--steps", min=1, help="Local training steps per node."),
+    batch_size: int = typer.Option(DemoConfig.batch_size, "--batch-size", min=1, help="Images per node per step."),
+    image_size: int = typer.Option(DemoConfig.image_size, "--image-size", help="32, 64 or 128."),
+    samples: int = typer.Option(DemoConfig.samples, "--samples", min=1, help="Images each node generates at the end."),
+    client_model: str = typer.Option(DemoConfig.client_model, "--client-model", help="Node U-Net preset."),
+    server_model: str = typer.Option(DemoConfig.server_model, "--server-model", help="Server U-Net preset."),
+    device: str = typer.Option(DemoConfig.device, "--device", help="Device for the worker and nodes."),
+    seed: int = typer.Option(DemoConfig.seed, "--seed", help="Seed for data shards and training."),
+    lockstep: bool = typer.Option(DemoConfig.lockstep, "--lockstep/--async", help="Lockstep: nodes wait for the server (which shares this CPU) so it trains on every step's rows. Async: nodes never wait and skip messages while their window is full, as on a real deployment with a GPU server."),
     insecure: bool = INSECURE,
 ) -> None:
     """Broker, worker and nodes as separate processes on loopback: train, generate, report. Every
     connection is encrypted and authenticated with keys made in OUT/keys (unless --insecure)."""
-    from collafuse.system.demo import DemoConfig, run_demo
+    from collafuse.system.demo import run_demo
 
     if insecure:
         key_folder(None, True)
     cfg = DemoConfig(out=out, clients=clients, cut_ratios=parse_ratios(cut_ratio), steps=steps, batch_size=batch_size,
                      image_size=image_size, samples=samples, client_model=client_model, server_model=server_model,
                      device=device, seed=seed, lockstep=lockstep, insecure=insecure)
-    try:
+    with user_errors(ValueError, RuntimeError, TimeoutError):
         result = run_demo(cfg, say=lambda line: typer.echo(line, err=True))
-    except (ValueError, RuntimeError, TimeoutError) as exc:
-        fail(str(exc))
     report = result["report"]
     typer.echo(f"demo done in {result['metrics']['wall_seconds']:.0f} s")
     for name, c in result["metrics"]["clients"].items():
@@ -304,18 +265,16 @@ def demo(
 
 
 @app.command()
+@takes(ServerModel)
 def loadtest(
-    clients: int = typer.Option(64, "--clients", min=1, help="Simulated clients (many per process and per socket)."),
-    duration: float = typer.Option(10.0, "--duration", min=0.1, help="Seconds of load; then outstanding jobs get --drain seconds."),
-    mode: str = typer.Option("denoise", "--mode", help="denoise, train or mixed."),
-    broker: str = typer.Option("", "--broker", help="A running broker's frontend; empty: start a broker and a worker here."),
-    rows: int = typer.Option(1, "--rows", min=1, help="Images per job."),
-    ddim_steps: int = typer.Option(10, "--ddim-steps", min=1, help="DDIM steps over T..0 per denoise job (the server does its share)."),
-    image_size: int = typer.Option(32, "--image-size", help="Must match the worker's model."),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="For the worker started here."),
-    model: str = typer.Option("tiny", "--model", help="For the worker started here."),
-    device: str = typer.Option("auto", "--device", help="For the worker started here."),
-    drain: float = typer.Option(60.0, "--drain", min=0.0, help="Seconds outstanding jobs may take after the load ends."),
+    served: ServerModel,
+    clients: int = typer.Option(LoadConfig.clients, "--clients", min=1, help="Simulated clients (many per process and per socket)."),
+    duration: float = typer.Option(LoadConfig.duration, "--duration", min=0.1, help="Seconds of load; then outstanding jobs get --drain seconds."),
+    mode: str = typer.Option(LoadConfig.mode, "--mode", help="denoise, train or mixed."),
+    broker: str = typer.Option(LoadConfig.broker, "--broker", help="A running broker's frontend; empty: start a broker and a worker here."),
+    rows: int = typer.Option(LoadConfig.rows, "--rows", min=1, help="Images per job."),
+    ddim_steps: int = typer.Option(LoadConfig.ddim_steps, "--ddim-steps", min=1, help="DDIM steps over T..0 per denoise job (the server does its share)."),
+    drain: float = typer.Option(LoadConfig.drain, "--drain", min=0.0, help="Seconds outstanding jobs may take after the load ends."),
     json_out: Path = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="With --broker: a node key folder for the simulated clients (a broker started here makes its own keys)."),
     admin_keys: Optional[Path] = typer.Option(None, "--admin-keys", help="With --broker: an admin key folder, to read the workers' counters (batch fill)."),
@@ -328,7 +287,7 @@ def loadtest(
     from collafuse.system.demo import start_server_side
     from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
-    from collafuse.tools.loadtest import LoadConfig, run_load
+    from collafuse.tools.loadtest import run_load
 
     fleet = None
     try:
@@ -339,8 +298,8 @@ def loadtest(
             keyring = Keyring(None if insecure else here / "keys")
             fleet = Fleet(here / "logs")
             broker, _ = start_server_side(
-                fleet, 1, ["--model", model, "--image-size", str(image_size), "--device", device, "--max-batch", str(max_batch),
-                           "--queue-rows", str(max_batch), "--max-train-rows", str(max(max_batch, rows))], None, keyring)
+                fleet, 1, [*served.worker_args(), "--queue-rows", str(served.max_batch), "--max-train-rows", str(max(served.max_batch, rows))],
+                None, keyring)
             node_keys = str(keyring.peer("load", "node")) if keyring.folder else ""
             admin_folder = str(keyring.peer("admin", "admin")) if keyring.folder else ""
             typer.echo(f"[loadtest] started a broker and a worker (logs in {fleet.logs})", err=True)
@@ -348,7 +307,7 @@ def loadtest(
             node_keys = key_folder(keys, insecure)
             admin_folder = str(admin_keys) if admin_keys else ""
         result = run_load(
-            LoadConfig(broker=broker, clients=clients, duration=duration, mode=mode, image_size=image_size, rows=rows,
+            LoadConfig(broker=broker, clients=clients, duration=duration, mode=mode, image_size=served.image_size, rows=rows,
                        ddim_steps=ddim_steps, drain=drain, keys=node_keys, admin_keys=admin_folder),
             say=lambda line: typer.echo(line, err=True),
         )
@@ -373,26 +332,26 @@ def loadtest(
 @app.command()
 def sweep(
     out: Path = typer.Option(..., "--out", help="Folder: MODE/seedS/cC run folders, results.csv, results.md, figure.png."),
-    cut_ratios: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cut-ratios", help="Comma list of cut ratios."),
-    seeds: str = typer.Option("0", "--seeds", help="Comma list of seeds (data augmentation and training); tables give mean ± std over them."),
-    cut_noise: str = typer.Option("keyed", "--cut-noise", help="Comma list of cut-noise modes to compare: keyed, fresh."),
-    clients: int = typer.Option(3, "--clients", min=1, help="Clients per run."),
-    steps: int = typer.Option(600, "--steps", min=1, help="Training steps per run."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per client per step."),
-    image_size: int = typer.Option(32, "--image-size", help="32, 64 or 128."),
-    samples: int = typer.Option(64, "--samples", min=4, help="Images generated per client."),
-    real_images: int = typer.Option(512, "--real-images", min=4, help="Real images per client for KID (half as many hold-out images)."),
-    nonmembers: int = typer.Option(1024, "--nonmembers", min=2, help="Hold-out images for the audit's membership inference."),
-    disclosure_kid: bool = typer.Option(True, "--disclosure-kid/--no-disclosure-kid", help="Also the KID and nearest-image MSE of the server's output at t_c (twice the Inception work; the audit measures disclosure either way)."),
-    in_process: bool = typer.Option(False, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes (needed for the privacy audit)."),
-    client_model: str = typer.Option("tiny", "--client-model", help="Client U-Net preset."),
-    server_model: str = typer.Option("tiny", "--server-model", help="Server U-Net preset."),
-    device: str = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda:N'."),
+    cut_ratios: str = typer.Option(",".join(f"{c:g}" for c in SweepConfig.cut_ratios), "--cut-ratios", help="Comma list of cut ratios."),
+    seeds: str = typer.Option(",".join(map(str, SweepConfig.seeds)), "--seeds", help="Comma list of seeds (data augmentation and training); tables give mean ± std over them."),
+    cut_noise: str = typer.Option(",".join(SweepConfig.cut_noise), "--cut-noise", help="Comma list of cut-noise modes to compare: keyed, fresh."),
+    clients: int = typer.Option(SweepConfig.clients, "--clients", min=1, help="Clients per run."),
+    steps: int = typer.Option(SweepConfig.steps, "--steps", min=1, help="Training steps per run."),
+    batch_size: int = typer.Option(SweepConfig.batch_size, "--batch-size", min=1, help="Images per client per step."),
+    image_size: int = typer.Option(SweepConfig.image_size, "--image-size", help="32, 64 or 128."),
+    samples: int = typer.Option(SweepConfig.samples, "--samples", min=4, help="Images generated per client."),
+    real_images: int = typer.Option(SweepConfig.real_images, "--real-images", min=4, help="Real images per client for KID (half as many hold-out images)."),
+    nonmembers: int = typer.Option(SweepConfig.nonmembers, "--nonmembers", min=2, help="Hold-out images for the audit's membership inference."),
+    disclosure_kid: bool = typer.Option(SweepConfig.disclosure_kid, "--disclosure-kid/--no-disclosure-kid", help="Also the KID and nearest-image MSE of the server's output at t_c (twice the Inception work; the audit measures disclosure either way)."),
+    in_process: bool = typer.Option(SweepConfig.in_process, "--in-process", help="Run each cut ratio in one process instead of through broker, worker and nodes (needed for the privacy audit)."),
+    client_model: str = typer.Option(SweepConfig.client_model, "--client-model", help="Client U-Net preset."),
+    server_model: str = typer.Option(SweepConfig.server_model, "--server-model", help="Server U-Net preset."),
+    device: str = DEVICE,
     pack: Optional[Path] = typer.Option(None, "--pack", help="Only train and generate (with --in-process), packing each finished run into this folder for evaluation elsewhere: python -m collafuse.tools.runpack PACKS --out OUT, then this command without --pack."),
 ) -> None:
     """The paper's experiment across cut ratios, seeds and cut-noise modes: KID, the privacy audit and local energy; resumable."""
     from collafuse.evaluation.kid import EvaluationError
-    from collafuse.tools.sweep import SweepConfig, pack_runs, run_sweep
+    from collafuse.tools.sweep import pack_runs, run_sweep
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
@@ -409,31 +368,27 @@ def sweep(
     def say(line: str) -> None:
         typer.echo(line, err=True)
 
-    try:
+    with user_errors(EvaluationError, ValueError, RuntimeError):
         if pack is not None:
             pack_runs(cfg, pack, say)
             typer.echo(f"packed runs in {pack}")
             return
         run_sweep(cfg, say)
-    except (EvaluationError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'figure.png'}")
 
 
 @app.command()
 def audit(
     run: Path = typer.Argument(..., help="A finished in-process run folder (`collafuse simulate --out RUN`, or one of a sweep's)."),
-    nonmembers: int = typer.Option(1024, "--nonmembers", min=2, help="Hold-out images for membership inference (1,000 or more allow TPR at 0.1 % FPR)."),
+    nonmembers: int = typer.Option(SweepConfig.nonmembers, "--nonmembers", min=2, help="Hold-out images for membership inference (1,000 or more allow TPR at 0.1 % FPR)."),
 ) -> None:
     """What an honest-but-curious server can learn from a run: reconstruction attacks on what it saw, membership inference on its model."""
     from collafuse.evaluation.audit import AUDIT_FILE, audit_run
 
     if not (run / "metrics.json").is_file():
         fail(f"not a finished run folder (no metrics.json): {run}")
-    try:
+    with user_errors(ValueError, FileNotFoundError):
         report = audit_run(run, nonmembers, say=lambda line: typer.echo(line, err=True))
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
     typer.echo(f"{'client':<10}{'t_c':>4}  {'views':>6} {'images':>6}  {'attack':<10}{'MSE':>8} {'PSNR':>6} {'prior err removed':>18} {'re-id top-1':>12}")
     for c in report["clients"]:
         for attack in ("linear", "multiview"):
@@ -447,10 +402,6 @@ def audit(
             typer.echo(f"membership ({kind}): AUC {m[kind]['auc']:.3f}, TPR at 1% FPR {tpr['tpr_at_1pct_fpr']}, at 0.1% FPR {tpr['tpr_at_0.1pct_fpr']} "
                        f"({m['members']} members, {m['nonmembers']} non-members)")
     typer.echo(f"wrote {run / AUDIT_FILE}")
-
-
-if __name__ == "__main__":
-    app()
 
 
 keys_app = typer.Typer(
@@ -467,10 +418,8 @@ def keys_init(folder: Path = typer.Argument(..., help="The broker's key folder t
     """Create the broker's key pair and its empty allow-lists (nodes/, admins/, workers/, trainers/)."""
     from collafuse.protocol.security import KeyFolderError, init_broker_keys
 
-    try:
+    with user_errors(KeyFolderError):
         init_broker_keys(folder)
-    except KeyFolderError as exc:
-        fail(str(exc))
     typer.echo(f"broker keys in {folder}/ (broker.key_secret stays here; give peers broker.key via `collafuse keys add`)")
 
 
@@ -484,10 +433,8 @@ def keys_add(
     """Create a peer's key pair and allow it in the broker's folder for ROLE."""
     from collafuse.protocol.security import KeyFolderError, add_peer_key
 
-    try:
+    with user_errors(KeyFolderError):
         add_peer_key(name, role, broker_keys, out)
-    except KeyFolderError as exc:
-        fail(str(exc))
     typer.echo(f"{role} key {name} in {out}/ (allowed by {broker_keys}/{role}s/{name}.key)")
 
 
@@ -503,3 +450,7 @@ def keys_revoke(
     if not roles:
         fail(f"no key named {name} in {broker_keys}")
     typer.echo(f"revoked {name} ({', '.join(roles)})")
+
+
+if __name__ == "__main__":
+    app()

@@ -7,6 +7,7 @@ default is changed here once and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class DataConfig:
     holdout_fraction: float = 0.1  # share of patients / files kept out of every client
 
 
+# Images per client per step in the experiment commands (simulate, demo, sweep): three clients and a
+# server share a small CPU there. A node on its own machine (`collafuse-node join`) uses TrainConfig's.
+EXPERIMENT_BATCH = 16
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser settings for both parties (the paper: lr 1e-3, batch 150)."""
@@ -121,7 +127,7 @@ class SimulateConfig:
     checkpoint_every: int = 200
     cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=EXPERIMENT_BATCH))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -138,7 +144,7 @@ class SimulateConfig:
 class ProtocolLimits:
     """What a receiver accepts; checked before any allocation the sender controls."""
 
-    levels: int = 100  # T
+    levels: int = DiffusionConfig.levels  # T
     max_envelope_bytes: int = 64 * 1024
     max_frame_bytes: int = 64 * 1024 * 1024
     max_rows: int = 1024  # rows (images) in one train or denoise job
@@ -181,17 +187,27 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class PeerConfig:
+    """What every process that connects to the broker (a worker, a node) needs."""
+
+    broker: str = ""  # the broker's address (the backend for a worker, the frontend for a node)
+    keys: str = ""  # this peer's key folder (`collafuse keys add`); '' = plain TCP
+    name: str = ""
+    device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda:N'
+    model: str = "tiny"  # U-Net preset
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+
+
+@dataclass(frozen=True)
+class WorkerConfig(PeerConfig):
     broker: str = "tcp://127.0.0.1:5556"
-    keys: str = ""  # this worker's key folder (`collafuse keys add`); '' = plain TCP
     name: str = "worker"
-    device: str = "auto"
-    model: str = "tiny"
     image_size: int = 32
     channels: int = 1
     max_batch: int = 64  # rows in one denoising model call
     queue_rows: int = 64  # denoising rows queued beyond the pool (credit = max_batch + queue_rows)
-    train: bool = True  # offer to be the trainer
+    trainer: bool = True  # offer to be the trainer
     max_train_rows: int = 256  # rows merged into one optimiser step
     train_wait: float = 0.05  # seconds the first waiting train row may wait for company
     sync_every: int = 20  # the trainer publishes weights every this many optimiser steps
@@ -200,36 +216,98 @@ class WorkerConfig:
     bf16: bool = False
     cuda_graphs: bool | None = None  # replay the denoising forward as CUDA graphs; None: on when the device is CUDA
     energy_report: str = ""  # where to write the worker's energy per phase at shutdown ('' = nowhere)
-    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
-    train_config: TrainConfig = field(default_factory=TrainConfig)
-    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    seed: int = 0  # of the initial server weights (when no checkpoint)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass(frozen=True)
-class NodeConfig:
-    """One edge node (`collafuse-node join`)."""
+class NodeConfig(PeerConfig):
+    """One edge node (`collafuse-node join` and `generate`)."""
 
     broker: str = "tcp://127.0.0.1:5555"
-    keys: str = ""  # this node's key folder (`collafuse keys add`); '' = plain TCP
     name: str = "node"
     cut_ratio: float = 0.6
-    model: str = "tiny"
     shard: int = 0  # which client shard of the data this node holds
     shards: int = 3
     state: str = ""  # folder for the checkpoint and progress ('' = ./collafuse-node-NAME)
     steps: int = 600
     window: int = 4  # train jobs in flight at most; local training never waits for them
+    lockstep: bool = False  # wait for room in the window instead of skipping a step's message (reproducible runs)
     cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
     checkpoint_every: int = 100
     retry_after: float = 0.5  # seconds before a "busy" job is sent again
-    drain_timeout: float = 60.0  # at the end, how long to wait for outstanding acknowledgements
-    device: str = "auto"
+    ack_timeout: float = 60.0  # at the end, how long to wait for outstanding acknowledgements
+    samples: int = 64  # generate: images
+    sample_seed: int = 1234  # generate: the same seed gives the same images
+    server_timeout: float = 600.0  # generate: seconds to wait for the server's part
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
-    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 
     @property
     def state_dir(self) -> str:
         return self.state or f"collafuse-node-{self.name}"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What the multi-run experiments share (the demo on loopback, the sweep)."""
+
+    out: Path = Path("runs/experiment")
+    clients: int = 3
+    steps: int = 600
+    batch_size: int = EXPERIMENT_BATCH
+    image_size: int = 32
+    client_model: str = "tiny"
+    server_model: str = "tiny"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DemoConfig(ExperimentConfig):
+    """`collafuse demo`: broker, worker and nodes as processes on loopback."""
+
+    out: Path = Path("runs/demo")
+    cut_ratios: tuple[float, ...] = (0.6,)
+    samples: int = 16
+    data: str = "mni"
+    seed: int = 0
+    cut_noise: str = "keyed"
+    threads: int = 1  # torch threads per process: five processes share a small CPU
+    insecure: bool = False  # plain TCP instead of CURVE keys (made in OUT/keys)
+    lockstep: bool = True  # nodes wait for room in their window, so the server sees every step's rows
+
+
+@dataclass(frozen=True)
+class SweepConfig(ExperimentConfig):
+    """`collafuse sweep`: the paper's experiment over cut ratios, seeds and cut-noise modes."""
+
+    out: Path = Path("runs/sweep")
+    cut_ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    cut_noise: tuple[str, ...] = ("keyed",)
+    samples: int = 64  # generated images per client
+    real_images: int = 512  # real images per client that KID compares with (half as many hold-out images)
+    nonmembers: int = 1024  # hold-out images for the audit's membership inference (1,000 allow TPR at 0.1 % FPR)
+    disclosure_kid: bool = True  # KID of the server's output at t_c (doubles the Inception work of a run; the audit measures disclosure too)
+    in_process: bool = False  # True: each run in one process (needed for the privacy audit); False: broker, worker and nodes
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """`collafuse loadtest`: simulated clients, one job outstanding each."""
+
+    broker: str = ""  # a running broker's frontend ('' in the CLI: start a broker and a worker)
+    clients: int = 64
+    duration: float = 10.0  # seconds of load
+    mode: str = "denoise"  # denoise | train | mixed
+    image_size: int = 32
+    rows: int = 1  # images per job
+    ddim_steps: int = 10  # total DDIM steps over T..0 for denoise jobs (the server does its share)
+    cut_levels: tuple[int, ...] = (20, 40, 60)
+    drain: float = 60.0  # seconds outstanding jobs may take after the load ends
+    retry_after: float = 0.2
+    seed: int = 0
+    levels: int = DiffusionConfig.levels
+    keys: str = ""  # a node key folder for the simulated clients ('' = plain TCP)
+    admin_keys: str = ""  # an admin key folder, to read the workers' counters ('' = plain TCP)

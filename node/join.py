@@ -13,8 +13,9 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -71,9 +72,85 @@ def checkpoint_path(config: NodeConfig) -> Path:
     return Path(config.state_dir) / "local.safetensors"
 
 
+@dataclass
+class JoinFigures:
+    """What a join run reports, in progress.json and to the CLI (the field order is the file's key order)."""
+
+    local_loss: list[list[float]] = field(default_factory=list)  # [step, mean local loss since the previous report]
+    server_loss: list[list[float]] = field(default_factory=list)  # [server step, loss] per acknowledgement
+    sent: int = 0
+    acked: int = 0
+    skipped: int = 0  # steps whose message found the window full
+    errors: dict[str, int] = field(default_factory=dict)  # server error code -> count
+    energy: dict[str, Any] | None = None  # measured once, at the end of the run
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields for progress.json; `energy` only once it has been measured."""
+        return {k: v for k, v in asdict(self).items() if k != "energy" or v is not None}
+
+
+class TrainSender:
+    """One train job per local step to the broker, with at most `window` of them in flight.
+
+    A step whose message finds the window full is skipped (local training never waits on the
+    server) unless the sender waits for room: with `lockstep`, which makes a run reproducible, and
+    on a node without a local model, whose steps would otherwise do nothing at all.
+    """
+
+    def __init__(self, link: BrokerLink, party: ClientParty, config: NodeConfig, figures: JoinFigures, energy: PhaseEnergy,
+                 stopping: Callable[[], bool]) -> None:
+        self.link, self.party, self.figures, self.energy, self.stopping = link, party, figures, energy, stopping
+        self.name, self.window = config.name, config.window
+        self.wait = config.lockstep or not party.has_local_model
+        self.run_id = uuid.uuid4().hex[:8]  # job ids stay unique across restarts of the node
+
+    @property
+    def full(self) -> bool:
+        return self.link.count("train") >= self.window
+
+    def offer(self, step: int, batch: Batch) -> None:
+        """Send this step's message if the window has room (waiting for room when `wait`), else skip it."""
+        while self.wait and self.full and not self.stopping():
+            self.collect(0.05)
+        if self.full:
+            self.figures.skipped += 1
+        else:
+            with self.energy.phase("local_training"):  # the local noising is local work too
+                self.send(step, batch)
+        self.collect(0)
+
+    def send(self, step: int, batch: Batch) -> None:
+        msg = self.party.server_message(batch)
+        job = f"{self.name}-{self.run_id}-{step}"
+        blob = tensors.encode({"x_t": msg.x_t.numpy().astype(np.float32), "t": msg.t.numpy(), "eps": msg.eps.numpy().astype(np.float32)})
+        env = wire.encode("train", job=job, client=self.name, rows=int(msg.t.shape[0]), t_c=self.party.t_c)
+        self.link.submit(job, "train", [env, blob])
+        self.figures.sent += 1
+
+    def collect(self, timeout: float) -> None:
+        """The replies that arrive within `timeout`: acknowledgements carry the server's loss, errors are counted."""
+        for r in self.link.poll(timeout):
+            if r.env["type"] == "ack":
+                self.figures.acked += 1
+                self.figures.server_loss.append([r.env["step"], r.env["loss"]])
+            elif r.env["type"] == "error":
+                self.figures.errors[r.env["code"]] = self.figures.errors.get(r.env["code"], 0) + 1
+                log.warning("server error for %s: %s %s", r.env["job"], r.env["code"], r.env["reason"])
+
+    def wait_for_acks(self, timeout: float) -> None:
+        """At the end: wait (at most `timeout` seconds) for the acknowledgements of what is still in flight."""
+        deadline = time.monotonic() + timeout
+        while self.link.outstanding and time.monotonic() < deadline:
+            self.collect(0.1)
+        if self.link.outstanding:
+            log.warning("%d train jobs unacknowledged after %.0f s", len(self.link.outstanding), timeout)
+
+
 class Join(Stoppable):
-    def __init__(self, config: NodeConfig, lockstep: bool = False) -> None:
-        self.config, self.lockstep = config, lockstep
+    """One node's run: resume, local steps (each offering its message to the sender), reports, checkpoints."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
         data_config = DataConfig(**{**config.data.__dict__, "clients": config.shards})
         if not 0 <= config.shard < config.shards:
             raise ValueError(f"shard {config.shard} does not exist among {config.shards}")
@@ -82,95 +159,72 @@ class Join(Stoppable):
         talks = DiffusionConfig(levels=config.limits.levels).cut_level(config.cut_ratio) < config.limits.levels
         cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if talks else None
         self.party = make_party(config, load_federated(data_config).clients[config.shard], cut_noise)
-        self.first_step = 0
-        if self.party.model is not None and checkpoint_path(config).is_file():
-            meta = load_checkpoint(checkpoint_path(config), self.party.model, self.party.optimizer, self.party.device)
-            if meta.get("t_c") != self.party.t_c:
-                raise ValueError(f"checkpoint {checkpoint_path(config)} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
-            self.first_step = int(meta["step"])
-            self.party.rows_sent = int(meta.get("rows_sent", 0))
-            log.info("resumed from %s at step %d", checkpoint_path(config), self.first_step)
-        self.link: BrokerLink | None = None
-        self.run_id = uuid.uuid4().hex[:8]
+        self.first_step = self.resume()
+        self.sender: TrainSender | None = None
         self.stopping = False
         self.energy = PhaseEnergy()
-        self.figures: dict[str, Any] = {"local_loss": [], "server_loss": [], "sent": 0, "acked": 0, "skipped": 0, "errors": {}}
+        self.figures = JoinFigures()
 
-    def handle(self, replies) -> None:
-        for r in replies:
-            if r.env["type"] == "ack":
-                self.figures["acked"] += 1
-                self.figures["server_loss"].append([r.env["step"], r.env["loss"]])
-            elif r.env["type"] == "error":
-                self.figures["errors"][r.env["code"]] = self.figures["errors"].get(r.env["code"], 0) + 1
-                log.warning("server error for %s: %s %s", r.env["job"], r.env["code"], r.env["reason"])
+    def resume(self) -> int:
+        """Load the local checkpoint, if there is one; the step to continue after (0 for a fresh node)."""
+        path = checkpoint_path(self.config)
+        if self.party.model is None or not path.is_file():
+            return 0
+        meta = load_checkpoint(path, self.party.model, self.party.optimizer, self.party.device)
+        if meta.get("t_c") != self.party.t_c:
+            raise ValueError(f"checkpoint {path} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
+        self.party.rows_sent = int(meta.get("rows_sent", 0))
+        log.info("resumed from %s at step %d", path, int(meta["step"]))
+        return int(meta["step"])
 
-    def send_message(self, step: int, batch: Batch) -> None:
-        assert self.link is not None
-        msg = self.party.server_message(batch)
-        job = f"{self.config.name}-{self.run_id}-{step}"
-        blob = tensors.encode({"x_t": msg.x_t.numpy().astype(np.float32), "t": msg.t.numpy(), "eps": msg.eps.numpy().astype(np.float32)})
-        env = wire.encode("train", job=job, client=self.config.name, rows=int(msg.t.shape[0]), t_c=self.party.t_c)
-        self.link.submit(job, "train", [env, blob])
-        self.figures["sent"] += 1
-
-    def run(self) -> dict[str, Any]:
-        party, cfg = self.party, self.config
-        if party.uses_server:
-            self.link = connect(cfg, party)
-        progress = Progress(cfg.steps, cfg.name, every=max(1, min(25, cfg.steps // 20 or 1)))
-        window_losses: list[float] = []
-        step = self.first_step
-        for step in range(self.first_step + 1, cfg.steps + 1):
-            if self.stopping:
-                step -= 1
-                break
-            batch = party.batch()
-            if party.has_local_model:
-                with self.energy.phase("local_training"):
-                    window_losses.append(party.train_local(batch.x0))
-            if self.link is not None:
-                must_wait = self.lockstep or not party.has_local_model
-                while must_wait and self.link.count("train") >= cfg.window and not self.stopping:
-                    self.handle(self.link.poll(0.05))
-                if self.link.count("train") < cfg.window:
-                    with self.energy.phase("local_training"):  # the local noising is local work too
-                        self.send_message(step, batch)
-                else:
-                    self.figures["skipped"] += 1
-                self.handle(self.link.poll(0))
-            if step % progress.every == 0 or step == cfg.steps:
-                if window_losses:
-                    self.figures["local_loss"].append([step, sum(window_losses) / len(window_losses)])
-                    window_losses = []
-                shown: dict[str, float | str] = {}
-                if self.figures["local_loss"]:
-                    shown["local"] = self.figures["local_loss"][-1][1]
-                if self.figures["server_loss"]:
-                    shown["server"] = self.figures["server_loss"][-1][1]
-                if self.link is not None:
-                    shown["acked"] = f"{self.figures['acked']}/{self.figures['sent']}"
-                progress.update(step, **shown)
-                self.write_progress(step)
-            if step % cfg.checkpoint_every == 0:
-                self.checkpoint(step)
-        self.drain()
-        self.figures["energy"] = self.energy.stop()
+    def run(self) -> JoinFigures:
+        if self.party.uses_server:
+            link = connect(self.config, self.party)
+            self.sender = TrainSender(link, self.party, self.config, self.figures, self.energy, lambda: self.stopping)
+        step = self.train()
+        if self.sender is not None:
+            self.sender.wait_for_acks(self.config.ack_timeout)
+        self.figures.energy = self.energy.stop()
         self.checkpoint(step)
         self.write_progress(step, done=True)
-        if self.link is not None:
-            self.link.close()
+        if self.sender is not None:
+            self.sender.link.close()
         return self.figures
 
-    def drain(self) -> None:
-        """Wait (bounded) for the acknowledgements of what is still in flight."""
-        if self.link is None:
-            return
-        deadline = time.monotonic() + self.config.drain_timeout
-        while self.link.outstanding and time.monotonic() < deadline:
-            self.handle(self.link.poll(0.1))
-        if self.link.outstanding:
-            log.warning("%d train jobs unacknowledged after %.0f s", len(self.link.outstanding), self.config.drain_timeout)
+    def train(self) -> int:
+        """The local steps up to `steps` (fewer on a stop); the last step done, for the final checkpoint."""
+        cfg = self.config
+        progress = Progress(cfg.steps, cfg.name, every=max(1, min(25, cfg.steps // 20 or 1)))
+        losses: list[float] = []  # local losses since the last report
+        step = self.first_step
+        while step < cfg.steps and not self.stopping:
+            step += 1
+            batch = self.party.batch()
+            if self.party.has_local_model:
+                with self.energy.phase("local_training"):
+                    losses.append(self.party.train_local(batch.x0))
+            if self.sender is not None:
+                self.sender.offer(step, batch)
+            if step % progress.every == 0 or step == cfg.steps:
+                self.report(progress, step, losses)
+                losses = []
+            if step % cfg.checkpoint_every == 0:
+                self.checkpoint(step)
+        return step
+
+    def report(self, progress: Progress, step: int, losses: list[float]) -> None:
+        """The mean local loss since the last report, a progress line and progress.json."""
+        if losses:
+            self.figures.local_loss.append([step, sum(losses) / len(losses)])
+        shown: dict[str, float | str] = {}
+        if self.figures.local_loss:
+            shown["local"] = self.figures.local_loss[-1][1]
+        if self.figures.server_loss:
+            shown["server"] = self.figures.server_loss[-1][1]
+        if self.sender is not None:
+            shown["acked"] = f"{self.figures.acked}/{self.figures.sent}"
+        progress.update(step, **shown)
+        self.write_progress(step)
 
     def checkpoint(self, step: int) -> None:
         if self.party.model is not None:
@@ -179,6 +233,7 @@ class Join(Stoppable):
             save_checkpoint(checkpoint_path(self.config), self.party.model, self.party.optimizer, meta)
 
     def write_progress(self, step: int, done: bool = False) -> None:
+        link = self.sender.link if self.sender else None
         info = {
             "name": self.config.name,
             "step": step,
@@ -186,10 +241,10 @@ class Join(Stoppable):
             "done": done,
             "t_c": self.party.t_c,
             "cut_ratio": self.party.cut_ratio,
-            "reconnects": self.link.reconnects if self.link else 0,
-            "busy_replies": self.link.busy_replies if self.link else 0,
-            "in_flight": len(self.link.outstanding) if self.link else 0,
-            **self.figures,
+            "reconnects": link.reconnects if link else 0,
+            "busy_replies": link.busy_replies if link else 0,
+            "in_flight": len(link.outstanding) if link else 0,
+            **self.figures.as_json(),
         }
         tmp = self.state / "progress.json.tmp"
         tmp.write_text(json.dumps(info))

@@ -43,4 +43,6 @@ def drain(sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], cap: int 
             raise
         except Exception:
             log.exception("unexpected error while handling a message")
+        if sock.closed:  # the handler reconnected (a new socket): the caller polls that one next
+            return count + 1
     return cap

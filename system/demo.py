@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from collafuse.common.config import DemoConfig
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol.security import PeerKeys
 from collafuse.system.keyring import Keyring
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path
-    clients: int = 3
-    cut_ratios: tuple[float, ...] = (0.6,)
-    steps: int = 600
-    batch_size: int = 16
-    image_size: int = 32
-    samples: int = 16
-    client_model: str = "tiny"
-    server_model: str = "tiny"
-    device: str = "auto"
-    data: str = "mni"
-    seed: int = 0
-    cut_noise: str = "keyed"
-    threads: int = 1  # torch threads per process: five processes share a small CPU
-    insecure: bool = False  # plain TCP instead of CURVE keys (made in OUT/keys)
-    lockstep: bool = True  # nodes wait for room in their window, so the server sees every step's rows
 
 
 def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None, keyring: Keyring) -> tuple[str, str]:

@@ -184,3 +184,45 @@ def test_split_keeps_every_array_in_order_within_the_frame_limit():
     assert all(len(tensors.encode(g)) <= 4096 for g in groups)
     with pytest.raises(ValueError, match="does not fit"):
         tensors.split({"big": np.zeros(2000, np.float32)}, 4096)
+
+
+def test_drain_handles_every_message_survives_a_bad_one_and_stops_when_the_handler_reconnects():
+    import time
+
+    import zmq
+
+    from collafuse.protocol.sockets import drain
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        for i in range(5):
+            dealer.send(b"%d" % i)
+        seen: list[bytes] = []
+
+        def handle(frames):
+            seen.append(frames[-1].bytes)
+            if frames[-1].bytes == b"1":
+                raise RuntimeError("one bad message")
+
+        deadline = time.monotonic() + 5
+        while len(seen) < 5 and time.monotonic() < deadline:
+            router.poll(100)
+            drain(router, handle)
+        assert seen == [b"0", b"1", b"2", b"3", b"4"]  # the bad one was logged, the rest handled
+        dealer.send(b"who")  # learn the dealer's route at the router
+        router.poll(2000)
+        route = router.recv_multipart()[0]
+        for i in range(3):
+            router.send_multipart([route, b"r%d" % i])
+        dealer.poll(2000)
+        time.sleep(0.2)
+        assert drain(dealer, lambda frames: dealer.close(0)) == 1  # the handler replaced the connection: no read on the closed socket
+    finally:
+        for sock in (router, dealer):
+            sock.close(0)
+        ctx.term()
+

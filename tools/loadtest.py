@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from collafuse.common.config import DiffusionConfig, ProtocolLimits, SamplerConfig
+from collafuse.common.config import DiffusionConfig, LoadConfig, ProtocolLimits, SamplerConfig
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
@@ -27,24 +27,6 @@ from collafuse.protocol.security import PeerKeys
 from collafuse.protocol.sockets import dealer, drain
 
 CLIENTS_PER_SOCKET = 50
-
-
-@dataclass
-class LoadConfig:
-    broker: str
-    clients: int = 64
-    duration: float = 10.0
-    mode: str = "denoise"  # denoise | train | mixed
-    image_size: int = 32
-    rows: int = 1  # images per job
-    ddim_steps: int = 10  # total DDIM steps over T..0 for denoise jobs (the server does its share)
-    cut_levels: tuple[int, ...] = (20, 40, 60)
-    drain: float = 60.0
-    retry_after: float = 0.2
-    seed: int = 0
-    levels: int = 100
-    keys: str = ""  # a node key folder for the simulated clients ('' = plain TCP)
-    admin_keys: str = ""  # an admin key folder, to read the workers' counters ('' = plain TCP)
 
 
 @dataclass

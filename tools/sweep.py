@@ -26,30 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from collafuse.common.config import DataConfig, DiffusionConfig, SimulateConfig, TrainConfig
+from collafuse.common.config import DataConfig, DiffusionConfig, SimulateConfig, SweepConfig, TrainConfig
 from collafuse.datasets import load_federated
 from collafuse.evaluation.attacks import nearest_mse
 from collafuse.evaluation.kid import InceptionFeatures, kernel_distance
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    out: Path
-    cut_ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    seeds: tuple[int, ...] = (0,)
-    cut_noise: tuple[str, ...] = ("keyed",)
-    clients: int = 3
-    steps: int = 600
-    batch_size: int = 16
-    image_size: int = 32
-    samples: int = 64  # generated images per client
-    real_images: int = 512  # real images per client that KID compares with (half as many hold-out images)
-    nonmembers: int = 1024  # hold-out images for the audit's membership inference (1,000 allow TPR at 0.1 % FPR)
-    disclosure_kid: bool = True  # KID of the server's output at t_c (doubles the Inception work of a run; the audit measures disclosure too)
-    in_process: bool = True
-    device: str = "auto"
-    client_model: str = "tiny"
-    server_model: str = "tiny"
 
 
 @dataclass(frozen=True)

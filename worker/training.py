@@ -1,0 +1,66 @@
+"""The worker's training batcher: which waiting rows become the next optimiser step, and when.
+
+Merging the rows of several train jobs into one step keeps the server model's batches large;
+waiting at most `train_wait` for more keeps a lone job's latency bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from collafuse.diffusion.split import ServerMessage
+
+# How many applied train jobs keep their ack (PROTOCOL.md promises 4096). A job comes again when it
+# was unanswered at a broker's restart, so it is a recent one; the bound keeps memory flat.
+ACKS_REMEMBERED = 4096
+
+Pending = tuple[dict, ServerMessage]  # a train job's envelope and its rows
+
+
+def row_count(jobs: list[Pending]) -> int:
+    """How many rows these jobs carry in all (a job carries several)."""
+    return sum(msg.t.shape[0] for _, msg in jobs)
+
+
+class TrainBatcher:
+    """Holds train jobs until they are due as one step (enough rows, the oldest has waited
+    `wait` seconds, or a flush), and remembers the acks of applied jobs, so that a job the
+    broker sends again after its restart is acknowledged again, not applied twice."""
+
+    def __init__(self, max_rows: int, wait: float) -> None:
+        self.max_rows = max_rows
+        self.wait = wait
+        self.pending: list[Pending] = []  # oldest first
+        self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
+        self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (client, job) → its ack, oldest first
+
+    def add(self, env: dict, msg: ServerMessage) -> None:
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((env, msg))
+
+    def take(self, flush: bool = False) -> list[Pending]:
+        """The next step's jobs, oldest first: at most `max_rows` rows but at least one job (a job
+        is never split). None until they are due, unless `flush`."""
+        if not self.pending:
+            return []
+        if not flush and row_count(self.pending) < self.max_rows and time.monotonic() - self.pending_since < self.wait:
+            return []
+        batch: list[Pending] = []
+        while self.pending and (not batch or row_count(batch) + self.pending[0][1].t.shape[0] <= self.max_rows):
+            batch.append(self.pending.pop(0))
+        return batch
+
+    def stepped(self) -> None:
+        """The jobs left after a step wait afresh from its end, not from their arrival."""
+        self.pending_since = time.monotonic()
+
+    def ack_of(self, env: dict) -> bytes | None:
+        """The ack this job got when it was applied, or None if it was not."""
+        return self.applied.get((env["client"], env["job"]))
+
+    def remember(self, env: dict, ack: bytes) -> None:
+        self.applied[(env["client"], env["job"])] = ack
+        while len(self.applied) > ACKS_REMEMBERED:
+            self.applied.popitem(last=False)
