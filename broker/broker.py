@@ -26,6 +26,7 @@ copy). State is explicit and lives in this module:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import zlib
 from pathlib import Path
@@ -105,6 +106,9 @@ class Broker(Stoppable):
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.limits = config.limits
+        # This run's name, in every welcome and heartbeat: a peer that sees another one knows the
+        # broker restarted (and lost its queues), so it registers again and re-sends what is unanswered.
+        self.epoch = secrets.token_hex(8)
         self.ctx = context or zmq.Context.instance()
         self.keys = security.KeyStore(Path(config.keys)) if config.keys else None
         self.authenticator = self.keys.authenticator(self.ctx) if self.keys else None
@@ -217,7 +221,7 @@ class Broker(Stoppable):
             return
         client.last_seen = time.monotonic()
         self.routes.move_to_end(route)
-        self.reply_node(route, [wire.encode("heartbeat")])
+        self.reply_node(route, [wire.encode("heartbeat", epoch=self.epoch)])
 
     def on_hello(self, route: bytes, env: dict, key: str) -> None:
         shape = tuple(env["image_shape"])
@@ -252,6 +256,7 @@ class Broker(Stoppable):
             [
                 wire.encode(
                     "welcome",
+                    epoch=self.epoch,
                     image_shape=list(shape),
                     levels=self.levels,
                     max_rows=self.max_job_rows("denoise"),
@@ -565,7 +570,7 @@ class Broker(Stoppable):
             if now - worker.last_seen > deadline:
                 self.remove_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
             else:
-                self.backend.send_multipart([worker.route, wire.encode("heartbeat")])
+                self.backend.send_multipart([worker.route, wire.encode("heartbeat", epoch=self.epoch)])
         self.enforce_deadlines(now)
         self.expire_idle(now)
         if self.keys is not None:

@@ -57,6 +57,12 @@ class CutNoise:
     def __repr__(self) -> str:
         return f"CutNoise(mode={self.mode!r})"
 
+    def stream_id(self) -> str:
+        """A public name for this node's stream of train jobs: the same after every restart from
+        the same state folder (so a re-sent job keeps its id and is not applied twice), another
+        for another secret; a one-way hash under its own domain, so it tells nothing of the secret."""
+        return hashlib.sha256(b"collafuse job stream\0" + self._secret).hexdigest()[:12]
+
     def __call__(self, ids: Sequence[bytes], rows: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         """ε₁ [len(ids), *shape] float32. `rows` numbers the message rows (only `fresh` uses it)."""
         n = math.prod(shape)

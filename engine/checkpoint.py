@@ -36,10 +36,14 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     metadata: dict[str, Any] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
+    """`extra`: further tensors that must be consistent with the weights (a node's random state and
+    unacknowledged jobs), written in the same file so that one rename commits them all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.contiguous() for k, v in (extra or {}).items()})
     meta: dict[str, Any] = {"metadata": metadata or {}}
     if optimizer is not None:
         opt_tensors, opt_meta = flatten_optimizer(optimizer)
@@ -71,6 +75,12 @@ def load_checkpoint(
             tensors = {k: f.get_tensor(k) for k in keys if k.startswith("optim.")}
             load_optimizer(optimizer, {**tensors, **opt_meta["scalars"]}, opt_meta["param_groups"])
     return meta.get("metadata", {})
+
+
+def load_extra(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `extra` tensors saved with a checkpoint (empty for one without)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k[len("extra."):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, entries: Mapping[str, Any], param_groups: list[dict] | None = None) -> None:

@@ -84,6 +84,15 @@ class ClientParty:
         """c = 1 is purely local."""
         return self.t_c < self.scheduler.levels
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """Where the party's two random streams stand (batches and local noise; t and ε₂), for a
+        checkpoint: a resumed node continues them instead of replaying them from the start."""
+        return {"batch": self.generator.get_state(), "message": self.message_generator.get_state()}
+
+    def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["batch"])
+        self.message_generator.set_state(state["message"])
+
     def batch(self) -> Batch:
         index = torch.randint(0, self.data.shape[0], (self.train_config.batch_size,), generator=self.generator)
         return Batch(index, self.data[index].to(self.device))

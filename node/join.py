@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from collafuse.common.config import DataConfig, DiffusionConfig, NodeConfig
-from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.engine.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
 from collafuse.diffusion.models import resolve_device
 from collafuse.datasets import load_federated
@@ -29,6 +28,7 @@ from collafuse.common.energy import PhaseEnergy
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol.link import BrokerLink
 from collafuse.protocol.security import PeerKeys
+from collafuse.diffusion.split import ServerMessage
 from collafuse.engine.client import Batch, ClientParty, client_seed
 from collafuse.protocol import tensors, wire
 from collafuse.common.progress import Progress
@@ -79,6 +79,7 @@ class JoinFigures:
     local_loss: list[list[float]] = field(default_factory=list)  # [step, mean local loss since the previous report]
     server_loss: list[list[float]] = field(default_factory=list)  # [server step, loss] per acknowledgement
     sent: int = 0
+    resent: int = 0  # jobs a resumed node sent again from its checkpoint's outbox
     acked: int = 0
     skipped: int = 0  # steps whose message found the window full
     errors: dict[str, int] = field(default_factory=dict)  # server error code -> count
@@ -102,30 +103,44 @@ class TrainSender:
         self.link, self.party, self.figures, self.energy, self.stopping = link, party, figures, energy, stopping
         self.name, self.window = config.name, config.window
         self.wait = config.lockstep or not party.has_local_model
-        self.run_id = uuid.uuid4().hex[:8]  # job ids stay unique across restarts of the node
+        assert party.cut_noise is not None  # a node that talks to the server has its secret
+        self.stream = party.cut_noise.stream_id()  # job ids: the same for a step after a restart, so never applied twice
 
     @property
     def full(self) -> bool:
         return self.link.count("train") >= self.window
 
     def offer(self, step: int, batch: Batch) -> None:
-        """Send this step's message if the window has room (waiting for room when `wait`), else skip it."""
+        """Send this step's message if the window has room (waiting for room when `wait`), else skip
+        it. The message is built either way, so the random streams never depend on timing and a
+        resumed node rebuilds every step's message bit for bit."""
+        with self.energy.phase("local_training"):  # the local noising is local work too
+            msg = self.party.server_message(batch)
         while self.wait and self.full and not self.stopping():
             self.collect(0.05)
         if self.full:
             self.figures.skipped += 1
         else:
-            with self.energy.phase("local_training"):  # the local noising is local work too
-                self.send(step, batch)
+            self.send(step, msg)
         self.collect(0)
 
-    def send(self, step: int, batch: Batch) -> None:
-        msg = self.party.server_message(batch)
-        job = f"{self.name}-{self.run_id}-{step}"
+    def send(self, step: int, msg: ServerMessage) -> None:
+        job = f"{self.name}-{self.stream}-{step}"
         blob = tensors.encode({"x_t": msg.x_t.numpy().astype(np.float32), "t": msg.t.numpy(), "eps": msg.eps.numpy().astype(np.float32)})
         env = wire.encode("train", job=job, client=self.name, rows=int(msg.t.shape[0]), t_c=self.party.t_c)
         self.link.submit(job, "train", [env, blob])
         self.figures.sent += 1
+
+    def outbox(self) -> dict[str, list[bytes]]:
+        """The train jobs sent and not yet answered, for the checkpoint: job id → frames."""
+        return {job: o.frames for job, o in self.link.outstanding.items() if o.kind == "train"}
+
+    def resend(self, outbox: dict[str, list[bytes]]) -> None:
+        """After a crash, the jobs the checkpoint held unanswered, under their ids: the broker or
+        the trainer answers one already applied from what it remembers, and applies the rest once."""
+        for job, frames in outbox.items():
+            self.link.submit(job, "train", frames)
+        self.figures.resent += len(outbox)
 
     def collect(self, timeout: float) -> None:
         """The replies that arrive within `timeout`: acknowledgements carry the server's loss, errors are counted."""
@@ -159,6 +174,7 @@ class Join(Stoppable):
         talks = DiffusionConfig(levels=config.limits.levels).cut_level(config.cut_ratio) < config.limits.levels
         cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if talks else None
         self.party = make_party(config, load_federated(data_config).clients[config.shard], cut_noise)
+        self.outbox: dict[str, list[bytes]] = {}  # from the checkpoint: jobs to re-send at start
         self.first_step = self.resume()
         self.sender: TrainSender | None = None
         self.stopping = False
@@ -174,13 +190,21 @@ class Join(Stoppable):
         if meta.get("t_c") != self.party.t_c:
             raise ValueError(f"checkpoint {path} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
         self.party.rows_sent = int(meta.get("rows_sent", 0))
-        log.info("resumed from %s at step %d", path, int(meta["step"]))
+        extra = load_extra(path)
+        if "rng.batch" in extra:
+            self.party.load_rng_state({k: extra[f"rng.{k}"] for k in ("batch", "message")})
+        else:
+            log.warning("checkpoint %s predates exact resume: the random streams start again", path)
+        jobs = meta.get("outbox", [])
+        self.outbox = {job: [bytes(extra[f"outbox.{i}.{part}"].numpy()) for part in ("env", "blob")] for i, job in enumerate(jobs)}
+        log.info("resumed from %s at step %d (%d unanswered jobs to re-send)", path, int(meta["step"]), len(self.outbox))
         return int(meta["step"])
 
     def run(self) -> JoinFigures:
         if self.party.uses_server:
             link = connect(self.config, self.party)
             self.sender = TrainSender(link, self.party, self.config, self.figures, self.energy, lambda: self.stopping)
+            self.sender.resend(self.outbox)
         step = self.train()
         if self.sender is not None:
             self.sender.wait_for_acks(self.config.ack_timeout)
@@ -227,10 +251,17 @@ class Join(Stoppable):
         self.write_progress(step)
 
     def checkpoint(self, step: int) -> None:
-        if self.party.model is not None:
-            meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name,
-                    "rows_sent": self.party.rows_sent}
-            save_checkpoint(checkpoint_path(self.config), self.party.model, self.party.optimizer, meta)
+        """The local model with everything an exact resume needs, in one atomic file: the random
+        streams, the message row counter and the jobs sent but not yet answered (with their frames)."""
+        if self.party.model is None:
+            return
+        outbox = self.sender.outbox() if self.sender else {}
+        extra = {f"rng.{k}": v for k, v in self.party.rng_state().items()}
+        for i, frames in enumerate(outbox.values()):
+            extra.update({f"outbox.{i}.{part}": torch.frombuffer(bytearray(f), dtype=torch.uint8) for part, f in zip(("env", "blob"), frames)})
+        meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name,
+                "rows_sent": self.party.rows_sent, "outbox": list(outbox)}
+        save_checkpoint(checkpoint_path(self.config), self.party.model, self.party.optimizer, meta, extra)
 
     def write_progress(self, step: int, done: bool = False) -> None:
         link = self.sender.link if self.sender else None

@@ -60,6 +60,7 @@ class BrokerLink:
         self.sock: zmq.Socket | None = None
         self.outstanding: OrderedDict[str, Outstanding] = OrderedDict()
         self.welcome: dict[str, Any] | None = None
+        self.epoch = ""  # the broker run that welcomed us ('' until then)
         self.last_heard = self.next_heartbeat = 0.0
         self.reconnects = 0
         self.busy_replies = 0
@@ -145,6 +146,11 @@ class BrokerLink:
         kind = env["type"]
         if kind == "welcome":
             self.welcome = env
+            self.epoch = env["epoch"]
+            return None
+        if kind == "heartbeat" and self.epoch and env.get("epoch", self.epoch) != self.epoch:
+            self.epoch = ""
+            self._reconnect("the broker restarted (a new epoch)")
             return None
         if kind == "error" and (env["code"] == ErrorCode.NOT_JOINED or (env["code"] == ErrorCode.UNAVAILABLE and not env["job"])):
             self.refused = f"{env['code']}: {env['reason']}"

@@ -14,7 +14,7 @@ import numpy as np
 
 from collafuse.common.config import ProtocolLimits
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ErrorCode:
@@ -104,6 +104,8 @@ COUNT = _int(lambda _: 0, lambda _: 2**62)
 RELAYED = ("weights", "moments")
 RELAY_FIELDS = {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)}
 
+EPOCH = _str(32)  # one broker run: a peer that sees another one re-registers and re-sends (PROTOCOL.md)
+
 # type → {field: check}. Every type also carries v and type.
 FIELDS: dict[str, dict[str, Check]] = {
     # node → broker
@@ -123,7 +125,7 @@ FIELDS: dict[str, dict[str, Check]] = {
     "status": {},
     "heartbeat": {},
     # broker → node
-    "welcome": {"image_shape": _shape, "levels": _int(lambda _: 1, lambda _: 10_000), "max_rows": ROWS, "max_frame_bytes": COUNT, "heartbeat_interval": _float(0.001, 3600)},
+    "welcome": {"epoch": EPOCH, "image_shape": _shape, "levels": _int(lambda _: 1, lambda _: 10_000), "max_rows": ROWS, "max_frame_bytes": COUNT, "heartbeat_interval": _float(0.001, 3600)},
     "status_reply": {"status": _map},
     # worker → broker → node
     "ack": {"job": JOB, "client": CLIENT, "step": COUNT, "loss": _float(0.0, 1e30)},
@@ -143,6 +145,9 @@ FIELDS: dict[str, dict[str, Check]] = {
     "moments": RELAY_FIELDS,
     "bye": {},
 }
+
+# type → {field: check} for fields a message may carry: the broker's heartbeats carry its epoch.
+OPTIONAL: dict[str, dict[str, Check]] = {"heartbeat": {"epoch": EPOCH}}
 
 KINDS_WITH_REPLY = ("train", "denoise")  # the job kinds a node submits; each gets exactly one final reply
 REPLIES = ("ack", "result", "error")  # the final replies a worker sends for them
@@ -200,8 +205,11 @@ def decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
     msg_type = env.get("type")
     if not isinstance(msg_type, str) or msg_type not in FIELDS:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_show(msg_type)}", job)
-    for name, check in FIELDS[msg_type].items():
+    optional = OPTIONAL.get(msg_type, {})
+    for name, check in (FIELDS[msg_type] | optional).items():
         if name not in env:
+            if name in optional:
+                continue
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{msg_type}: missing field {name!r}", job)
         problem = check(env[name], limits)
         if problem:

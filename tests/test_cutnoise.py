@@ -116,3 +116,25 @@ def test_secret_file_is_created_private_kept_and_checked(tmp_path):
         load_secret(short)
     with pytest.raises(FileNotFoundError):
         load_secret(tmp_path / "missing.key", create=False)
+
+
+def test_a_party_restored_from_its_random_state_continues_the_streams_instead_of_replaying_them():
+    """Exact resume: batches, local noise, t and ε₂ after a restore are those an uninterrupted
+    party would have drawn, not those of the first steps again."""
+    def step(party):
+        batch = party.batch()
+        msg = party.server_message(batch)
+        return batch.index, msg.t, msg.eps
+
+    whole, first = _party("keyed"), _party("keyed")
+    for _ in range(3):
+        step(whole), step(first)
+    resumed = _party("keyed")
+    resumed.load_rng_state({k: v.clone() for k, v in first.rng_state().items()})
+    resumed.rows_sent = first.rows_sent
+    for _ in range(2):
+        expected, got, replayed = step(whole), step(resumed), step(_party("keyed"))
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        assert not torch.equal(expected[2], replayed[2])
+    assert CutNoise(SECRET).stream_id() == CutNoise(SECRET, "fresh").stream_id() != CutNoise(bytes(32)).stream_id()
+    assert SECRET.hex()[:12] not in CutNoise(SECRET).stream_id()

@@ -75,8 +75,8 @@ def test_hostile_client_between_honest_jobs_gets_one_error_each_and_changes_noth
         (train({"eps": np.full((4, *SHAPE), 100.0, np.float32)}), "bad_tensor"),
         (train({"eps": np.full((4, *SHAPE), 1e16, np.float32)}), "bad_tensor"),
         (train({"t": np.full(4, 30, np.int64)}), "bad_tensor"),
-        ([msgpack.packb({"v": 2, "type": ["train"]})], "unknown_type"),
-        ([msgpack.packb({"v": 2.0, "type": "status"})], "bad_version"),
+        ([msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": ["train"]})], "unknown_type"),
+        ([msgpack.packb({"v": float(wire.PROTOCOL_VERSION), "type": "status"})], "bad_version"),
         ([wire.encode("train", job="m", client="mallory", rows=4, t_c=60), nested], "bad_tensor"),
         ([wire.encode("train", job="m", client="mallory", rows=1, t_c=60),
           _header({"x_t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)], "bad_tensor"),
@@ -145,7 +145,7 @@ def test_every_accepted_job_gets_one_final_reply_whatever_the_workers_do(fleet):
     # a reply that fails validation (a NaN loss) becomes an error for the node, and the credit returns
     node.train("t1")
     env, _ = rogue.next_job()
-    rogue.send(msgpack.packb({"v": 2, "type": "ack", "job": env["job"], "client": env["client"], "step": 1, "loss": float("nan")}))
+    rogue.send(msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "ack", "job": env["job"], "client": env["client"], "step": 1, "loss": float("nan")}))
     reply = _one_reply(node)
     assert reply["code"] == "internal" and "invalid" in reply["reason"] and reply["job"] == "t1"
     # a result for a train job, or with the wrong rows, likewise

@@ -18,7 +18,7 @@ SHAPE = (1, 32, 32)
 
 
 def train_env(**over):
-    env = {"v": 2, "type": "train", "job": "j1", "client": "a", "rows": 2, "t_c": 60, **over}
+    env = {"v": wire.PROTOCOL_VERSION, "type": "train", "job": "j1", "client": "a", "rows": 2, "t_c": 60, **over}
     return msgpack.packb(env)
 
 
@@ -50,8 +50,8 @@ def test_valid_train_message_passes():
         (b"\xc1\xff garbage", ErrorCode.BAD_ENVELOPE),
         (msgpack.packb([1, 2, 3]), ErrorCode.BAD_ENVELOPE),
         (msgpack.packb({"v": 99, "type": "train"}), ErrorCode.BAD_VERSION),
-        (msgpack.packb({"v": 2, "type": "launch_missiles"}), ErrorCode.UNKNOWN_TYPE),
-        (msgpack.packb({"v": 2, "type": "train", "job": "j", "client": "a", "rows": 2}), ErrorCode.BAD_FIELD),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "launch_missiles"}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "train", "job": "j", "client": "a", "rows": 2}), ErrorCode.BAD_FIELD),
         (train_env(rows="two"), ErrorCode.BAD_FIELD),
         (train_env(rows=True), ErrorCode.BAD_FIELD),
         (train_env(rows=10**9), ErrorCode.BAD_FIELD),
@@ -59,14 +59,14 @@ def test_valid_train_message_passes():
         (train_env(t_c=-1), ErrorCode.BAD_FIELD),
         (train_env(job=""), ErrorCode.BAD_FIELD),
         (train_env(job="x" * 500), ErrorCode.BAD_FIELD),
-        (msgpack.packb({"v": 2, "type": "status", "pad": "x" * 70000}), ErrorCode.TOO_LARGE),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "status", "pad": "x" * 70000}), ErrorCode.TOO_LARGE),
         # type confusion: each once raised TypeError instead of a coded error
-        (msgpack.packb({"v": 2, "type": ["train"]}), ErrorCode.UNKNOWN_TYPE),
-        (msgpack.packb({"v": 2, "type": {"a": 1}}), ErrorCode.UNKNOWN_TYPE),
-        (msgpack.packb({"v": 2.0, "type": "status"}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": ["train"]}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": {"a": 1}}), ErrorCode.UNKNOWN_TYPE),
+        (msgpack.packb({"v": float(wire.PROTOCOL_VERSION), "type": "status"}), ErrorCode.BAD_VERSION),
         (msgpack.packb({"v": True, "type": "status"}), ErrorCode.BAD_VERSION),
         (msgpack.packb({"v": [2], "type": "status"}), ErrorCode.BAD_VERSION),
-        (msgpack.packb({"v": 2, "type": "denoise", "job": ["x"], "client": "a"}), ErrorCode.BAD_FIELD),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "denoise", "job": ["x"], "client": "a"}), ErrorCode.BAD_FIELD),
     ],
 )
 def test_bad_envelopes_get_codes(frame, code):
@@ -127,7 +127,7 @@ def test_error_replies_echo_only_a_valid_job_id():
     with pytest.raises(ProtocolError) as info:
         wire.decode(train_env(job="x" * 500), LIM)
     assert info.value.job == ""
-    assert wire.loose_decode(msgpack.packb({"v": 2, "type": "ack", "job": "j", "client": "c", "loss": float("nan")}), LIM) == {"job": "j", "client": "c"}
+    assert wire.loose_decode(msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "ack", "job": "j", "client": "c", "loss": float("nan")}), LIM) == {"job": "j", "client": "c"}
     assert wire.loose_decode(b"\xc1", LIM) == {}
 
 

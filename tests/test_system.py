@@ -382,3 +382,66 @@ def test_demo_writes_a_report(tmp_path):
     assert set(metrics["clients"]) == {"client0", "client1"}
     assert all(c["acked"] == c["sent"] == 3 for c in metrics["clients"].values())
     assert (out / "report" / "samples.png").stat().st_size > 0 and (out / "report" / "real.png").stat().st_size > 0
+
+
+def test_a_killed_node_resumes_exactly_and_nothing_is_applied_twice(fleet, tmp_path):
+    """A lockstep node SIGKILLed mid-run restarts from its checkpoint, re-sends what was in flight
+    under the same job ids and regenerates the steps after the checkpoint bit for bit (its random
+    state is in the checkpoint): the trainer applies each step's rows exactly once."""
+    steps, batch = 40, 2
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "w0", "--max-train-rows", str(batch), "--train-wait", "0")
+    args = ("join", "--broker", front, "--name", "n0", "--shards", "1", "--steps", str(steps), "--batch-size", str(batch), "--lockstep",
+            "--window", "2", "--checkpoint-every", "10", "--state", str(tmp_path / "n0"), "--device", "cpu", *FAST_HB)
+    fleet.start("n0", node(*args))
+    progress = tmp_path / "n0" / "progress.json"
+    wait_for(lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 15, 300, what="step 15")
+    os.kill(fleet.procs["n0"].pid, signal.SIGKILL)
+    fleet.procs.pop("n0").wait()
+    assert json.loads(progress.read_text())["step"] < steps
+    fleet.start("n0-again", node(*args))
+    assert fleet.wait("n0-again", 600) == 0, fleet.tail("n0-again")
+    assert "[n0] 1/" not in fleet.tail("n0-again")  # it continued from its checkpoint
+
+    def applied() -> dict:
+        return next(w["stats"] for w in (_status(front) or {}).get("workers", []) if w["name"] == "w0")
+
+    time.sleep(1.0)  # the worker's counters reach the broker with its next heartbeat
+    stats = applied()
+    assert (stats["train_steps"], stats["train_rows"]) == (steps, steps * batch)
+
+
+def test_a_waiting_client_gets_its_answer_after_a_broker_restart(fleet):
+    """A client that only waits (nothing new to send) notices a restarted broker from its own
+    heartbeats (answered not_joined, or with a new epoch), says hello again and re-sends its job
+    under the same id; the new broker's worker answers it."""
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol.link import BrokerLink
+    from collafuse.protocol.security import PeerKeys
+
+    ports = (free_port(), free_port())
+    front, back = start_broker(fleet, ports=ports)
+    holder = RawWorker(back, "holder")  # takes the job and never answers it
+    holder.ready()
+    wait_for(lambda: len((_status(front) or {}).get("workers", [])) == 1, 30, what="the holder")
+    link = BrokerLink(front, {"client": "waiter", "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
+                      HeartbeatConfig(0.2, 5), 0.2, keys=PeerKeys.load(KEYRINGS[front].peer("waiter", "node")))
+    try:
+        link.connect()
+        first_epoch = link.epoch
+        link.submit("waiter-1", "denoise", [wire.encode("denoise", job="waiter-1", client="waiter", count=1, t_c=60, seed=1, first_row=0,
+                                                        sampler="ddim", steps=10, eta=0.0)])
+        assert holder.next_job()[0]["job"] == "waiter-1"
+        os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
+        fleet.procs.pop("broker").wait()
+        start_broker(fleet, ports=ports, name="broker2")
+        start_worker(fleet, back, front, "w0")
+        replies, deadline = [], time.monotonic() + 60
+        while not replies and time.monotonic() < deadline:
+            replies = link.poll(0.2)
+        assert [r.env["type"] for r in replies] == ["result"] and replies[0].env["job"] == "waiter-1"
+        assert link.reconnects >= 1 and link.epoch not in ("", first_epoch)
+    finally:
+        link.close()
+        holder.sock.close(0)
+

@@ -371,5 +371,75 @@ def cutnoise(sizes: str = "32,64,128", batch: int = 32, model: str = "tiny", rep
                                "local_step_s": round(step, 3), "eps1_share_of_local_step": round(per_image * batch / step, 4)}))
 
 
+@app.command()
+def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: Path = Path("/tmp/collafuse-bench-recovery")) -> None:
+    """What a broker restart costs its clients: a training node (one train job in flight at a time)
+    and a generating client (one denoise job at a time) keep working through a SIGKILL of the
+    broker and its restart `down` seconds later on the same ports; for each, the gap between the
+    last reply before the kill and the first after, and the replies lost (must be 0)."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol import tensors, wire
+    from collafuse.protocol.link import BrokerLink
+    from collafuse.protocol.security import PeerKeys
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
+    from collafuse.system.launch import Fleet, cli
+
+    fleet, keyring = Fleet(logs / "logs"), Keyring(logs / "keys")
+    rng = np.random.default_rng(0)
+    try:
+        front, back = start_server_side(fleet, 1, ["--device", "cpu", "--max-train-rows", "4", "--train-wait", "0"], None, keyring)
+        links = {name: BrokerLink(front, {"client": name, "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
+                                  HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer(name, "node"))) for name in ("trainer", "waiter")}
+        replies: dict[str, list[float]] = {name: [] for name in links}
+        sent = dict.fromkeys(links, 0)
+
+        def submit(name: str) -> None:
+            sent[name] += 1
+            job = f"{name}-{sent[name]}"
+            if name == "trainer":
+                blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
+                                       "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
+                links[name].submit(job, "train", [wire.encode("train", job=job, client=name, rows=4, t_c=60), blob])
+            else:
+                links[name].submit(job, "denoise", [wire.encode("denoise", job=job, client=name, count=1, t_c=60, seed=sent[name],
+                                                                first_row=0, sampler="ddim", steps=10, eta=0.0)])
+
+        def work(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for name, link in links.items():
+                    for reply in link.poll(0.01):
+                        if reply.env["type"] != "error":
+                            replies[name].append(time.monotonic())
+                    if not link.outstanding:
+                        submit(name)
+
+        for link in links.values():
+            link.connect()
+        work(before)
+        killed = time.monotonic()
+        os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
+        fleet.procs.pop("broker").wait()
+        time.sleep(down)
+        fleet.start("broker-again", cli("broker", "--frontend", front, "--backend", back, *keyring.broker_args()))
+        restarted = time.monotonic()
+        work(after)
+        out: dict = {"what": "broker_restart_recovery", "down_s": round(restarted - killed, 2)}
+        for name, times in replies.items():
+            last = max(t for t in times if t < killed)
+            first = min(t for t in times if t > killed)
+            out[name] = {"gap_s": round(first - last, 2), "after_restart_s": round(first - restarted, 2), "replies": len(times),
+                         "sent": sent[name], "unanswered": len(links[name].outstanding), "reconnects": links[name].reconnects}
+        typer.echo(json.dumps(out))
+    finally:
+        fleet.stop_all()
+
+
 if __name__ == "__main__":
     app()

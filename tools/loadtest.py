@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from collafuse.common.config import DiffusionConfig, LoadConfig, ProtocolLimits, SamplerConfig
+from collafuse.common.config import DiffusionConfig, HeartbeatConfig, LoadConfig, ProtocolLimits, SamplerConfig
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol import tensors, wire
@@ -73,7 +73,26 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     submitted = completed = image_steps = 0  # throughput counts replies before the deadline only
-    completed_total = 0
+    completed_total = rejoins = 0
+    epochs: dict[zmq.Socket, str] = {}  # the broker run each socket's clients said hello to
+    rejoin_at: dict[zmq.Socket, float] = {}
+
+    def hello(c: SimClient) -> None:
+        c.sock.send(wire.encode("hello", client=c.name, t_c=cfg.cut_levels[0], image_shape=list(shape), levels=cfg.levels))
+
+    def rejoin(sock: zmq.Socket) -> None:
+        """The broker restarted or forgot this socket: hello again for its clients, then their jobs
+        again under the same ids (a node's link does the same)."""
+        nonlocal rejoins
+        if time.monotonic() < rejoin_at.get(sock, 0.0):
+            return
+        rejoin_at[sock] = time.monotonic() + cfg.retry_after
+        rejoins += 1
+        for c in clients.values():
+            if c.sock is sock:
+                hello(c)
+                if c.job is not None:
+                    c.retry_at = time.monotonic()
 
     def new_job(c: SimClient) -> None:
         nonlocal submitted
@@ -92,10 +111,17 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
         c.sock.send_multipart(c.frames, copy=False)
         submitted += 1
 
-    def on_reply(frames: list[zmq.Frame]) -> None:
+    def on_reply(sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
         nonlocal completed, completed_total, image_steps
         env = wire.decode(frames[0].buffer, limits)
-        if env["type"] == "welcome":
+        if env["type"] in ("welcome", "heartbeat"):
+            epoch = env.get("epoch", "")
+            if epoch and epochs.get(sock, epoch) != epoch:
+                rejoin(sock)
+            epochs[sock] = epoch or epochs.get(sock, "")
+            return
+        if env["type"] == "error" and (env["code"] == "not_joined" or (env["code"] == "unavailable" and not env["job"])):
+            rejoin(sock)
             return
         c = clients.get(env.get("client", "")) or next((x for x in clients.values() if x.job == env.get("job")), None)
         if c is None or env.get("job") != c.job:
@@ -115,12 +141,13 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
         c.job = None
 
     for c in clients.values():
-        c.sock.send(wire.encode("hello", client=c.name, t_c=cfg.cut_levels[0], image_shape=list(shape), levels=cfg.levels))
+        hello(c)
     before = _worker_stats(cfg.broker, cfg.admin_keys)
     start = time.monotonic()
     deadline = start + cfg.duration
     drain_deadline = deadline + cfg.drain
     next_report = start + 5
+    next_heartbeat = start
     limits = ProtocolLimits(levels=cfg.levels)
     while True:
         now = time.monotonic()
@@ -131,7 +158,11 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
             say(f"[loadtest] {now - start:5.1f} s  completed {completed_total}  outstanding {outstanding}  errors {sum(errors.values())}")
             next_report = now + 5
         for sock, _ in poller.poll(50):
-            drain(sock, on_reply)
+            drain(sock, lambda frames: on_reply(sock, frames))
+        if now >= next_heartbeat:  # a restarted broker answers with a new epoch (or not_joined)
+            for sock in sockets:
+                sock.send(wire.encode("heartbeat"))
+            next_heartbeat = now + HeartbeatConfig.interval
         now = time.monotonic()
         for c in clients.values():
             if c.job is None and now < deadline:
@@ -156,6 +187,7 @@ def run_load(cfg: LoadConfig, say=print) -> dict[str, Any]:
         "completed": completed_total,
         "completed_in_window": completed,
         "lost": lost,
+        "rejoins": rejoins,  # sockets that said hello again after a broker restart
         "errors": errors,
         "jobs_per_s": round(completed / elapsed, 2),
         "image_steps_per_s": round(image_steps / elapsed, 1),

@@ -91,10 +91,12 @@ class Worker(Stoppable):
         self.last_checkpoint_step = self.party.step
         self.energy = PhaseEnergy()
         self.stats = WorkerStats()
+        self.epoch = ""  # the broker run this connection registered with ('' until its first heartbeat)
         self.handlers: dict[str, Callable[[dict, list[zmq.Frame]], None]] = {  # message type → handler; others are only heard
             "train": self.on_train,
             "denoise": self.on_denoise,
             "error": self.on_error,
+            "heartbeat": self.on_heartbeat,
             **{kind: self.relay.on_relayed for kind in wire.RELAYED},
         }
 
@@ -105,6 +107,7 @@ class Worker(Stoppable):
         self.engine = self.party.sampler(self.config.max_batch)  # the broker re-queues what we held
         self.denoising.clear()
         self.batcher.pending.clear()
+        self.epoch = ""
         self.sock = dealer(self.ctx, self.config.broker, self.limits.max_frame_bytes, self.keys)
         self.send(
             wire.encode(
@@ -177,6 +180,16 @@ class Worker(Stoppable):
                 raise
             log.exception("job %s of %s failed", env["job"], env["client"])
             self.reply_error(env, ProtocolError(ErrorCode.INTERNAL, f"the worker failed on this job ({type(exc).__name__})", env["job"]))
+
+    def on_heartbeat(self, env: dict, frames: list[zmq.Frame]) -> None:
+        """A heartbeat from another broker run than the one we registered with: it has lost our
+        registration (and requeued nothing of ours), so register again at once."""
+        epoch = env.get("epoch", self.epoch)
+        if self.epoch and epoch != self.epoch:
+            log.warning("the broker restarted (a new epoch): registering again")
+            self.connect()
+        else:
+            self.epoch = epoch
 
     def on_error(self, env: dict, frames: list[zmq.Frame]) -> None:
         """Rejoin a broker that does not know this connection (it restarted); stop if it never will take us."""
