@@ -128,8 +128,9 @@ def worker(
     train_wait: float = typer.Option(WorkerConfig.train_wait, "--train-wait", min=0.0, help="Seconds the first waiting training row waits for company."),
     lr: float = typer.Option(TrainConfig.learning_rate, "--lr", help="Adam learning rate of the server model."),
     sync_every: int = typer.Option(WorkerConfig.sync_every, "--sync-every", min=1, help="The trainer publishes weights every N optimiser steps."),
-    checkpoint: str = typer.Option(WorkerConfig.checkpoint, "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown."),
-    checkpoint_every: int = typer.Option(WorkerConfig.checkpoint_every, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints."),
+    checkpoint: str = typer.Option(WorkerConfig.checkpoint, "--checkpoint", help="Server checkpoint (safetensors): loaded at start, written periodically and at shutdown. A trainer with a checkpoint acknowledges a train job only once a checkpoint contains its step, so acknowledged updates survive its death; without, acknowledgements are not durable."),
+    checkpoint_every: int = typer.Option(WorkerConfig.checkpoint_every, "--checkpoint-every", min=1, help="Optimiser steps between checkpoints (at most; acknowledgements waiting make them sooner)."),
+    durable_wait: float = typer.Option(WorkerConfig.durable_wait, "--durable-wait", min=0.0, help="With --checkpoint: seconds an acknowledgement may wait for its checkpoint while training rows keep coming (an idle trainer checkpoints at once)."),
     bf16: bool = typer.Option(WorkerConfig.bf16, "--bf16", help="bfloat16 autocast on CUDA."),
     cuda_graphs: Optional[bool] = typer.Option(
         WorkerConfig.cuda_graphs, "--cuda-graphs/--no-cuda-graphs", show_default="on for CUDA devices",
@@ -145,7 +146,7 @@ def worker(
     config = WorkerConfig(
         broker=broker, keys=conn.folder(), name=name, device=served.device, model=served.model, image_size=served.image_size, max_batch=served.max_batch,
         queue_rows=queue_rows, trainer=train, max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, durable_wait=durable_wait, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report,
         seed=seed, heartbeat=conn.heartbeat(), train=TrainConfig(learning_rate=lr), limits=conn.limits(max_frame_bytes),
     )
     with user_errors(ValueError, KeyFolderError):

@@ -211,8 +211,9 @@ class WorkerConfig(PeerConfig):
     max_train_rows: int = 256  # rows merged into one optimiser step
     train_wait: float = 0.05  # seconds the first waiting train row may wait for company
     sync_every: int = 20  # the trainer publishes weights every this many optimiser steps
-    checkpoint: str = ""  # path of the server checkpoint ('' = none)
+    checkpoint: str = ""  # path of the server checkpoint ('' = none; then acknowledgements are not durable)
     checkpoint_every: int = 100  # optimiser steps
+    durable_wait: float = 1.0  # with a checkpoint, seconds an ack may wait for the checkpoint that makes its step durable
     bf16: bool = False
     cuda_graphs: bool | None = None  # replay the denoising forward as CUDA graphs; None: on when the device is CUDA
     energy_report: str = ""  # where to write the worker's energy per phase at shutdown ('' = nowhere)

@@ -69,7 +69,11 @@ def load_checkpoint(
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = json.loads((f.metadata() or {}).get("collafuse", "{}"))
         keys = list(f.keys())
-        model.load_state_dict({k[len("model."):]: f.get_tensor(k) for k in keys if k.startswith("model.")})
+        try:
+            model.load_state_dict({k[len("model."):]: f.get_tensor(k) for k in keys if k.startswith("model.")})
+        except RuntimeError as exc:  # another preset or image size: say so in one line, not a page of shapes
+            saved = meta.get("metadata", {}).get("model", "another")
+            raise ValueError(f"checkpoint {path} holds a {saved} model that does not fit this one ({str(exc).splitlines()[0]})") from None
         if optimizer is not None and "optimizer" in meta:
             opt_meta = meta["optimizer"]
             tensors = {k: f.get_tensor(k) for k in keys if k.startswith("optim.")}

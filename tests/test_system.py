@@ -445,3 +445,62 @@ def test_a_waiting_client_gets_its_answer_after_a_broker_restart(fleet):
         link.close()
         holder.sock.close(0)
 
+
+def test_acknowledged_updates_survive_the_trainers_death(fleet, tmp_path):
+    """A trainer with a checkpoint acknowledges a train job only once a checkpoint contains its step.
+    Broker and trainer SIGKILLed and restarted: every acknowledged update is in the model (the step
+    count goes on from the last ack, no step number is used twice), and a job sent again after the
+    restarts is acknowledged from the checkpoint's memory of applied jobs, not applied again."""
+    ports = (free_port(), free_port())
+    front, back = start_broker(fleet, ports=ports)
+    ckpt = tmp_path / "server.safetensors"
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--checkpoint", str(ckpt))
+    start_worker(fleet, back, front, "t", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    jobs = {f"a{i}" for i in range(12)}
+    for i, job in enumerate(sorted(jobs)):
+        client.train(job, seed=i)
+    got = client.collect(jobs, timeout=120)
+    assert sorted(v[0]["step"] for v in got.values()) == list(range(1, 13))  # one job per step, every one acknowledged
+    for name in ("t", "broker"):
+        os.kill(fleet.procs[name].pid, signal.SIGKILL)
+        fleet.procs.pop(name).wait()
+    with safe_open(str(ckpt), framework="pt") as f:
+        assert json.loads(f.metadata()["collafuse"])["metadata"]["step"] == 12
+    start_broker(fleet, ports=ports, name="broker2")
+    start_worker(fleet, back, front, "t", *flags)
+    client.hello()
+    client.train("a3", seed=sorted(jobs).index("a3"))  # the same job again (the new broker has no reply cache)
+    client.train("b0", seed=100)
+    again = client.collect({"a3", "b0"}, timeout=120)
+    assert again["a3"][0]["step"] == got["a3"][0]["step"]  # answered from what the checkpoint remembers
+    assert again["b0"][0]["step"] == 13  # the next step after every acknowledged one
+
+
+def test_loadtest_loses_nothing_across_a_broker_restart(fleet):
+    """The load test's clients notice a restarted broker (not_joined to their heartbeats), say hello
+    again and re-send their jobs under the same ids: every job gets its one answer."""
+    import threading
+
+    from collafuse.common.config import LoadConfig
+    from collafuse.tools.loadtest import run_load
+
+    ports = (free_port(), free_port())
+    front, back = start_broker(fleet, ports=ports)
+    start_worker(fleet, back, front, "w0")
+    ring = KEYRINGS[front]
+    result: dict = {}
+    load = LoadConfig(broker=front, clients=20, duration=6, mode="mixed", drain=60, keys=str(ring.peer("load", "node")),
+                      admin_keys=str(ring.peer("admin", "admin")))
+    runner = threading.Thread(target=lambda: result.update(run_load(load, say=lambda _: None)))
+    runner.start()
+    time.sleep(2)
+    os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
+    fleet.procs.pop("broker").wait()
+    start_broker(fleet, ports=ports, name="broker2")
+    runner.join(timeout=180)
+    assert not runner.is_alive()
+    assert result["lost"] == 0 and result["rejoins"] >= 1 and result["errors"] == {}
+    assert result["completed"] == result["submitted"] > 0
+

@@ -430,6 +430,10 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
         fleet.start("broker-again", cli("broker", "--frontend", front, "--backend", back, *keyring.broker_args()))
         restarted = time.monotonic()
         work(after)
+        end = time.monotonic() + 30  # the jobs still in flight get their answers; none may be missing
+        while any(link.outstanding for link in links.values()) and time.monotonic() < end:
+            for name, link in links.items():
+                replies[name] += [time.monotonic() for r in link.poll(0.05) if r.env["type"] != "error"]
         out: dict = {"what": "broker_restart_recovery", "down_s": round(restarted - killed, 2)}
         for name, times in replies.items():
             last = max(t for t in times if t < killed)
@@ -439,6 +443,37 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
         typer.echo(json.dumps(out))
     finally:
         fleet.stop_all()
+
+
+@app.command()
+def acks(clients: int = 16, rows: int = 4, duration: float = 15.0, model: str = "tiny", logs: Path = Path("/tmp/collafuse-bench-acks")) -> None:
+    """What durable acknowledgements cost: train jobs from simulated clients through one trainer
+    with --checkpoint (an ack waits for the checkpoint that contains its step) and the same trainer
+    without (acks at once, not durable), one after the other in one run."""
+    from collafuse.common.config import LoadConfig
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
+    from collafuse.system.launch import Fleet
+    from collafuse.tools.loadtest import run_load
+
+    import shutil
+
+    out: dict = {"what": "durable_acks", "model": model, "clients": clients, "rows_per_job": rows}
+    shutil.rmtree(logs, ignore_errors=True)  # a checkpoint left by another run would be resumed
+    for durable in (False, True):
+        folder = logs / ("durable" if durable else "immediate")
+        fleet, keyring = Fleet(folder / "logs"), Keyring(folder / "keys")
+        try:
+            args = ["--device", "cpu", "--model", model, "--max-train-rows", str(clients * rows)]
+            front, _ = start_server_side(fleet, 1, args, folder if durable else None, keyring)
+            load = LoadConfig(broker=front, clients=clients, duration=duration, mode="train", rows=rows,
+                              keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
+            result = run_load(load, say=lambda _: None)
+        finally:
+            fleet.stop_all()
+        out["durable" if durable else "immediate"] = {k: result[k] for k in ("jobs_per_s", "latency_ms", "train_steps", "lost", "errors")}
+    out["throughput_ratio"] = round(out["durable"]["jobs_per_s"] / out["immediate"]["jobs_per_s"], 3)
+    typer.echo(json.dumps(out))
 
 
 if __name__ == "__main__":

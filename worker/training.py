@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import msgpack
+
 from collafuse.diffusion.split import ServerMessage
 
 # How many applied train jobs keep their ack (PROTOCOL.md promises 4096). A job comes again when it
@@ -34,6 +36,8 @@ class TrainBatcher:
         self.pending: list[Pending] = []  # oldest first
         self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
         self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (client, job) → its ack, oldest first
+        self.held: dict[tuple[str, str], bytes] = {}  # acks of applied jobs not yet in a checkpoint, oldest first
+        self.held_since = 0.0
 
     def add(self, env: dict, msg: ServerMessage) -> None:
         if not self.pending:
@@ -60,7 +64,35 @@ class TrainBatcher:
         """The ack this job got when it was applied, or None if it was not."""
         return self.applied.get((env["client"], env["job"]))
 
-    def remember(self, env: dict, ack: bytes) -> None:
-        self.applied[(env["client"], env["job"])] = ack
+    def is_held(self, env: dict) -> bool:
+        """Whether this job's ack waits for a checkpoint (it goes out then, to whoever holds the job)."""
+        return (env["client"], env["job"]) in self.held
+
+    def remember(self, env: dict, ack: bytes, hold: bool) -> None:
+        """An applied job's ack, kept to answer the job again; with `hold`, also kept back until
+        `release` (its step is not durable yet)."""
+        key = (env["client"], env["job"])
+        self.applied[key] = ack
         while len(self.applied) > ACKS_REMEMBERED:
             self.applied.popitem(last=False)
+        if hold:
+            self.held_since = self.held_since if self.held else time.monotonic()
+            self.held[key] = ack
+
+    def commit_due(self, wait: float) -> bool:
+        """Whether held acks should be made durable now: as soon as no training rows wait (group
+        commit: one checkpoint serves every step since the last), or when the oldest has waited `wait`."""
+        return bool(self.held) and (not self.pending or time.monotonic() - self.held_since >= wait)
+
+    def release(self) -> list[bytes]:
+        """The held acks, now durable, to send."""
+        acks, self.held = list(self.held.values()), {}
+        return acks
+
+    def applied_blob(self) -> bytes:
+        """The remembered acks, for the checkpoint (msgpack: [[client, job, ack], ...])."""
+        return msgpack.packb([[client, job, ack] for (client, job), ack in self.applied.items()], use_bin_type=True)
+
+    def restore(self, blob: bytes) -> None:
+        for client, job, ack in msgpack.unpackb(blob, raw=False):
+            self.applied[(client, job)] = ack

@@ -32,7 +32,7 @@ from collafuse.common.energy import PhaseEnergy
 from collafuse.common.lifecycle import Stoppable
 from collafuse.diffusion.models import resolve_device
 from collafuse.diffusion.split import ServerMessage
-from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.engine.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from collafuse.engine.sampler import SampleJob
 from collafuse.engine.server import ServerParty
 from collafuse.protocol import tensors, wire
@@ -75,16 +75,22 @@ class Worker(Stoppable):
             self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train, self.device, config.bf16, seed=config.seed,
             cuda_graphs=self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs,
         )
+        self.batcher = TrainBatcher(config.max_train_rows, config.train_wait)
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
             self.party.step = int(meta.get("step", 0))
-            log.info("resumed the server model from %s at step %d", config.checkpoint, self.party.step)
+            applied = load_extra(config.checkpoint).get("applied")
+            if applied is not None:
+                self.batcher.restore(applied.numpy().tobytes())
+            log.info("resumed the server model from %s at step %d (%d applied jobs remembered)", config.checkpoint, self.party.step,
+                     len(self.batcher.applied))
+        elif config.trainer and not config.checkpoint:
+            log.warning("no --checkpoint: this worker's acknowledgements are not durable (a trainer that dies loses acknowledged updates)")
         self.ctx = context or zmq.Context.instance()
         self.keys = PeerKeys.load(Path(config.keys)) if config.keys else None
         self.sock: zmq.Socket | None = None
         self.engine = self.party.sampler(config.max_batch)
         self.denoising: dict[str, dict] = {}  # engine job id → envelope
-        self.batcher = TrainBatcher(config.max_train_rows, config.train_wait)
         self.relay = WeightRelay(self.party, self.limits.max_frame_bytes, self.send)
         self.stopping = False
         self.last_heard = self.next_heartbeat = 0.0
@@ -155,7 +161,8 @@ class Worker(Stoppable):
             if not self.engine.idle():
                 self.denoise_once()
             self.keep_alive(time.monotonic())
-            if self.config.checkpoint and self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every:
+            if self.config.checkpoint and (self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every
+                                           or self.batcher.commit_due(self.config.durable_wait)):
                 self.checkpoint()
         self.shutdown()
 
@@ -202,8 +209,9 @@ class Worker(Stoppable):
     # ---- training ---------------------------------------------------------------------------
     def on_train(self, env: dict, frames: list[zmq.Frame]) -> None:
         ack = self.batcher.ack_of(env)
-        if ack is not None:  # applied before a broker restart: acknowledge again, do not re-apply
-            self.send(ack)
+        if ack is not None:  # applied before (a broker or trainer restart): acknowledge again, do not re-apply
+            if not self.batcher.is_held(env):  # a held ack goes out with the checkpoint that makes it durable
+                self.send(ack)
             return
         if len(frames) != 2:
             raise ProtocolError(ErrorCode.BAD_TENSOR, "train needs a tensor frame")
@@ -226,8 +234,9 @@ class Worker(Stoppable):
                 self.reply_error(env, ProtocolError(ErrorCode.REFUSED, outcome.refused[i], env["job"]))
                 continue
             ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(outcome.loss))
-            self.batcher.remember(env, ack)
-            self.send(ack)
+            self.batcher.remember(env, ack, hold=bool(self.config.checkpoint))
+            if not self.config.checkpoint:
+                self.send(ack)
         if outcome.loss is None:  # every job was refused: no step was taken
             return
         self.stats.train_steps += 1
@@ -269,9 +278,17 @@ class Worker(Stoppable):
 
     # ---- persistence and exit ---------------------------------------------------------------
     def checkpoint(self) -> None:
-        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model})
+        """Weights, optimiser, step and the acks of applied jobs (so that a restarted trainer answers a
+        job it contains instead of applying it again) in one atomic file; then the held acks, whose
+        steps it now contains, go out: an ack is sent only once its update survives this process."""
+        applied = torch.frombuffer(bytearray(self.batcher.applied_blob()), dtype=torch.uint8)
+        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model},
+                        {"applied": applied})
         self.last_checkpoint_step = self.party.step
-        log.info("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
+        log.debug("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
+        for ack in self.batcher.release():
+            if self.sock is not None:
+                self.send(ack)
 
     def shutdown(self) -> None:
         """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once)."""
