@@ -39,6 +39,7 @@ import zmq
 from collafuse.common.config import BrokerConfig
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import security, tensors, wire
+from collafuse.broker.state import OWNERS, BrokerState
 from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
@@ -123,6 +124,7 @@ class Broker(Stoppable):
                 self.keys.serve(sock, domain)
         self.frontend.bind(config.frontend)
         self.backend.bind(config.backend)
+        self.state = BrokerState(Path(config.state)) if config.state else None
         self.owners: dict[str, str] = {}  # client name → the key (z85) that first said hello with it
         self.names_per_key: dict[str, int] = {}
         self.clients: dict[str, ClientState] = {}
@@ -137,10 +139,33 @@ class Broker(Stoppable):
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
+        if self.state is not None:
+            self.restore()
         self.started = time.monotonic()
         self.next_heartbeat = 0.0
         self.stopping = False
         self.forwarded = 0
+
+    # ---- state on disk (--state) -------------------------------------------------------------
+    def restore(self) -> None:
+        """What the last run left in --state: the name registry and the trainer's latest relayed
+        versions (with the model they fit), so late workers get weights at once after a restart."""
+        assert self.state is not None
+        for name, key in (self.state.read(OWNERS) or {}).items():
+            self.owners[name] = key
+            self.names_per_key[key] = self.names_per_key.get(key, 0) + 1
+        for kind in wire.RELAYED:
+            saved = self.state.read(kind)
+            if saved:
+                self.model_shape, self.levels = tuple(saved["model"][0]), saved["model"][1]  # type: ignore[assignment]
+                self.relayed[kind] = [[zmq.Frame(env), zmq.Frame(blob)] for env, blob in saved["parts"]]
+        log.info("state from %s: %d client names, relayed weights %s", self.state.folder, len(self.owners),
+                 "kept" if self.relayed["weights"] else "none")
+
+    def save_relayed(self, kind: str) -> None:
+        assert self.state is not None and self.model_shape is not None
+        self.state.write(kind, {"model": [list(self.model_shape), self.levels],
+                                "parts": [[part[0].bytes, part[1].bytes] for part in self.relayed[kind]]})
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -159,6 +184,8 @@ class Broker(Stoppable):
         self.close()
 
     def close(self) -> None:
+        if self.state is not None:
+            self.state.flush()
         self.frontend.close(0)
         self.backend.close(0)
         if self.authenticator is not None:
@@ -275,6 +302,8 @@ class Broker(Stoppable):
             return False
         self.owners[name] = key
         self.names_per_key[key] = self.names_per_key.get(key, 0) + 1
+        if self.state is not None:
+            self.state.write(OWNERS, self.owners)
         return True
 
     def max_job_rows(self, kind: str) -> int:
@@ -401,6 +430,8 @@ class Broker(Stoppable):
             if env["part"] == 0:
                 self.relayed[kind] = []
             self.relayed[kind].append(frames)
+            if self.state is not None and env["part"] == env["parts"] - 1:
+                self.save_relayed(kind)
             for other in self.workers.values():
                 if other.route != route and other.wants(kind):
                     self.backend.send_multipart([other.route, *frames], copy=False)

@@ -170,6 +170,7 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"  # nodes connect here
     backend: str = "tcp://127.0.0.1:5556"  # workers connect here
     keys: str = ""  # the broker's key folder (CURVE pair and allow-lists, `collafuse keys init`); '' = plain TCP
+    state: str = ""  # folder for the relayed weights and the client-name registry, kept across restarts ('' = memory only)
     max_names_per_key: int = 4096  # client names one node key may bind (a name stays bound to the first key that used it)
     max_queue_per_client: int = 64  # jobs; a full queue answers "busy" at once
     reply_cache_per_client: int = 32  # recent final replies kept so a retried job id is answered, not redone

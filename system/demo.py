@@ -20,16 +20,18 @@ from collafuse.system.keyring import Keyring
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
 
 
-def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], checkpoint_dir: Path | None, keyring: Keyring) -> tuple[str, str]:
+def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state: Path | None, keyring: Keyring) -> tuple[str, str]:
     """A broker and `workers` workers (the first offers to train, with a trainer key); returns
-    (frontend, backend)."""
+    (frontend, backend). With a `state` folder the server side keeps what it needs across restarts:
+    the broker's state (STATE/broker) and the trainer's checkpoint, so its acks are durable."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend, *keyring.broker_args()))
+    durable = ["--state", str(state / "broker")] if state is not None else []
+    fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend, *keyring.broker_args(), *durable))
     admin = keyring.admin()
     for i in range(workers):
         args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args, *keyring.args(f"worker{i}", "trainer" if i == 0 else "worker")]
-        if checkpoint_dir is not None and i == 0:
-            args += ["--checkpoint", str(checkpoint_dir / "server.safetensors"), "--energy-report", str(checkpoint_dir / "server_energy.json")]
+        if state is not None and i == 0:
+            args += ["--checkpoint", str(state / "server.safetensors"), "--energy-report", str(state / "server_energy.json")]
         if i > 0:
             args.append("--no-train")
         fleet.start(f"worker{i}", cli(*args))

@@ -504,3 +504,107 @@ def test_loadtest_loses_nothing_across_a_broker_restart(fleet):
     assert result["lost"] == 0 and result["rejoins"] >= 1 and result["errors"] == {}
     assert result["completed"] == result["submitted"] > 0
 
+
+def test_a_restarted_broker_with_state_gives_late_workers_the_weights_and_keeps_names_bound(fleet, tmp_path):
+    """With --state the broker keeps the trainer's latest relayed version and the client-name
+    registry on disk: after a SIGKILL and restart, a worker that joins gets the weights at once
+    (with no trainer left to publish them), and another key still cannot take a bound name."""
+    from collafuse.protocol.security import PeerKeys
+
+    ports, state = (free_port(), free_port()), str(tmp_path / "broker-state")
+    front, back = start_broker(fleet, "--state", state, ports=ports)
+    start_worker(fleet, back, front, "trainer", "--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2",
+                 "--checkpoint", str(tmp_path / "trainer.safetensors"))
+    client = RawClient(front, "c")
+    client.hello()
+    jobs = {f"a{i}" for i in range(4)}
+    for i, job in enumerate(sorted(jobs)):
+        client.train(job, seed=i)
+    assert sorted(v[0]["step"] for v in client.collect(jobs, timeout=120).values()) == [1, 2, 3, 4]
+    assert fleet.stop("trainer") == 0  # it published version 4 at step 4; nobody will publish again
+    weights = tmp_path / "broker-state" / "weights.msgpack"
+    wait_for(lambda: weights.is_file() and msgpack.unpackb(msgpack.unpackb(weights.read_bytes())["parts"][0][0])["version"] == 4,
+             30, what="version 4 on disk")
+    os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
+    fleet.procs.pop("broker").wait()
+    start_broker(fleet, "--state", state, ports=ports, name="broker2")
+    start_worker(fleet, back, front, "late", "--no-train", "--checkpoint", str(tmp_path / "late.safetensors"), "--seed", "9")
+    impostor = RawClient(front, "c", keys=PeerKeys.load(KEYRINGS[front].peer("other", "node")))
+    impostor.send(wire.encode("hello", client="c", t_c=60, image_shape=[1, 32, 32], levels=100))
+    assert impostor.recv()[0]["code"] == "forbidden"
+    time.sleep(1.0)
+    assert fleet.stop("late") == 0
+
+    def saved(name):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["collafuse"])["metadata"]["step"], {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+
+    (s_t, w_t), (s_l, w_l) = saved("trainer"), saved("late")
+    assert s_t == s_l == 4 and all(torch.equal(w_t[k], w_l[k]) for k in w_t)
+
+
+def test_chaos_nothing_acknowledged_is_lost_nothing_is_applied_twice(fleet, tmp_path):
+    """Broker (with --state), a trainer (with its checkpoint) and a denoise-only worker; two lockstep
+    nodes and a denoising load. In turn: a node SIGKILLed mid-run and restarted; the denoiser
+    SIGKILLed and restarted, then SIGSTOPped and SIGCONTed; the broker SIGKILLed and restarted; the
+    trainer SIGKILLed and restarted from its checkpoint. Every node finishes its steps, every load job is answered, and the
+    trainer's model holds each node step's job exactly once: its step count is the number of steps
+    sent, and the jobs it remembers applying are exactly those, with distinct steps."""
+    import threading
+
+    from collafuse.common.config import LoadConfig
+    from collafuse.tools.loadtest import run_load
+
+    steps, batch = 40, 2
+    ports, state = (free_port(), free_port()), str(tmp_path / "broker-state")
+    front, back = start_broker(fleet, "--state", state, ports=ports)
+    ckpt = tmp_path / "trainer.safetensors"
+    trainer = ("trainer", "--max-train-rows", str(batch), "--train-wait", "0", "--checkpoint", str(ckpt))
+    denoiser = ("denoiser", "--no-train")
+    start_worker(fleet, back, front, *trainer)
+    start_worker(fleet, back, front, *denoiser)
+    joins = {name: ("join", "--broker", front, "--name", name, "--shards", "2", "--shard", str(i), "--steps", str(steps), "--batch-size",
+                    str(batch), "--lockstep", "--window", "2", "--checkpoint-every", "4", "--state", str(tmp_path / name), "--device", "cpu",
+                    *FAST_HB) for i, name in enumerate(("n0", "n1"))}
+    for name, args in joins.items():
+        fleet.start(name, node(*args))
+    ring, result = KEYRINGS[front], {}
+    load = LoadConfig(broker=front, clients=6, duration=25, mode="denoise", drain=120, keys=str(ring.peer("load", "node")),
+                      admin_keys=str(ring.peer("admin", "admin")))
+    loader = threading.Thread(target=lambda: result.update(run_load(load, say=lambda _: None)))
+    loader.start()
+
+    def kill(name: str) -> None:
+        os.kill(fleet.procs[name].pid, signal.SIGKILL)
+        fleet.procs.pop(name).wait()
+
+    progress = tmp_path / "n1" / "progress.json"
+    wait_for(lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5, 300, what="n1 at step 5")
+    kill("n1")
+    assert json.loads(progress.read_text())["step"] < steps
+    fleet.start("n1-again", node(*joins["n1"]))
+    kill("denoiser")
+    start_worker(fleet, back, front, *denoiser)
+    os.kill(fleet.procs["denoiser"].pid, signal.SIGSTOP)
+    time.sleep(2)
+    os.kill(fleet.procs["denoiser"].pid, signal.SIGCONT)
+    kill("broker")
+    start_broker(fleet, "--state", state, ports=ports, name="broker2")
+    time.sleep(2)
+    kill("trainer")
+    start_worker(fleet, back, front, *trainer)
+    for name in ("n0", "n1-again"):
+        assert fleet.wait(name, 600) == 0, fleet.tail(name)
+    loader.join(timeout=300)
+    assert not loader.is_alive() and result["lost"] == 0 and result["completed"] == result["submitted"] > 0
+    assert fleet.stop("trainer") == 0
+
+    from collafuse.engine.checkpoint import load_extra
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        trained = json.loads(f.metadata()["collafuse"])["metadata"]["step"]
+    applied = msgpack.unpackb(load_extra(ckpt)["applied"].numpy().tobytes(), raw=False)
+    node_jobs = [(client, job) for client, job, _ in applied if client in joins]
+    assert trained == len(node_jobs) == 2 * steps  # every step of both nodes, each once
+    assert {job.rsplit("-", 1)[1] for _, job in node_jobs} == {str(s) for s in range(1, steps + 1)}
+    assert sorted(msgpack.unpackb(ack)["step"] for _, _, ack in applied) == list(range(1, trained + 1))
