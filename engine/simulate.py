@@ -21,7 +21,7 @@ from collafuse.common.config import SimulateConfig
 from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
 from collafuse.diffusion.models import parameter_count, resolve_device
-from collafuse.datasets import load_federated
+from collafuse.datasets import FederatedData, load_federated
 from collafuse.common.energy import PhaseEnergy
 from collafuse.engine.client import ClientParty, client_seed
 from collafuse.datasets.images import save_grid
@@ -80,31 +80,25 @@ def generate(
     max_batch: int = 256,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per client: the server's output at t_c (what the server produced) and the finished images."""
-    cut_images: dict[str, torch.Tensor] = {}
+    x_tc_of: dict[str, torch.Tensor] = {}
     if server is not None:
         jobs = [server.denoise_job(c.name, count, c.t_c, seed + i, config.sampler) for i, c in enumerate(clients) if c.uses_server]
         with energy.phase("server_denoising"):
-            cut_images = server.sampler(max_batch).run(jobs)
+            x_tc_of = server.sampler(max_batch).run(jobs)
     out = {}
     for i, c in enumerate(clients):
-        x_tc = cut_images.get(c.name)
+        x_tc = x_tc_of.get(c.name)
         with energy.phase(f"local_denoising/{c.name}"):
             out[c.name] = {"images": c.finish(x_tc, count, seed + i, config.sampler, max_batch)}
         if x_tc is not None:
-            out[c.name]["server_output"] = x_tc
+            out[c.name]["x_tc"] = x_tc
     return out
 
 
-def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, track_energy: bool = True) -> dict[str, Any]:
-    started = time.monotonic()
-    energy = PhaseEnergy(enabled=track_energy)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.data.seed)
-    data = load_federated(config.data)
-    cut_ratios = config.client_cut_ratios()
+def make_parties(config: SimulateConfig, data: FederatedData, out: Path, device: torch.device) -> tuple[list[ClientParty], ServerParty | None]:
+    """Every client (its secret in OUT/secrets/) and the server, when any client talks to it."""
     clients = []
-    for i, c in enumerate(cut_ratios):
+    for i, c in enumerate(config.client_cut_ratios()):
         name = f"client{i}"
         talks = config.diffusion.cut_level(c) < config.diffusion.levels  # c = 1 never talks to the server
         cut_noise = CutNoise(client_secret(out, name), config.cut_noise) if talks else None
@@ -116,10 +110,13 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
         if any(c.uses_server for c in clients)
         else None
     )
-    config_dict = asdict(config)
-    ckpt = out / "checkpoints"
-    first = _resume_all(ckpt, clients, server, device) if resume else 0
+    return clients, server
 
+
+def train(config: SimulateConfig, clients: list[ClientParty], server: ServerParty | None, first: int, ckpt: Path,
+          energy: PhaseEnergy) -> dict[str, list[list[float]]]:
+    """Steps first+1..steps: each client's local step and message, then one merged server step;
+    mean losses every `log_every` steps; checkpoints every `checkpoint_every`."""
     losses: dict[str, list[list[float]]] = {c.name: [] for c in clients if c.has_local_model}
     if server is not None:
         losses["server"] = []
@@ -147,7 +144,21 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
             progress.update(step, **{k: v[-1][1] for k, v in losses.items()})
             window = {k: [] for k in losses}
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint_all(ckpt, clients, server, step, config_dict)
+            _checkpoint_all(ckpt, clients, server, step, asdict(config))
+    return losses
+
+
+def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, track_energy: bool = True) -> dict[str, Any]:
+    started = time.monotonic()
+    energy = PhaseEnergy(enabled=track_energy)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.data.seed)
+    data = load_federated(config.data)
+    clients, server = make_parties(config, data, out, device)
+    ckpt = out / "checkpoints"
+    first = _resume_all(ckpt, clients, server, device) if resume else 0
+    losses = train(config, clients, server, first, ckpt, energy)
     train_seconds = time.monotonic() - started
 
     sample_start = time.monotonic()
@@ -160,7 +171,7 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
         str(out / "samples.safetensors"),
     )
     metrics = {
-        "config": config_dict,
+        "config": asdict(config),
         "device": str(device),
         "clients": [
             {

@@ -70,7 +70,7 @@ def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: 
     save_grid([images[i : i + 8] for i in range(0, count, 8)], out / "grid.png")
     tensors_out = {"images": images.contiguous()}
     if x_tc is not None:
-        tensors_out["server_output"] = x_tc.contiguous()
+        tensors_out["x_tc"] = x_tc.contiguous()
     save_file(tensors_out, str(out / "samples.safetensors"))
     info = {"count": count, "t_c": party.t_c, "server_seconds": round(server_seconds, 2),
             "total_seconds": round(time.monotonic() - started, 2), "energy": report}

@@ -608,3 +608,5 @@ def test_chaos_nothing_acknowledged_is_lost_nothing_is_applied_twice(fleet, tmp_
     assert trained == len(node_jobs) == 2 * steps  # every step of both nodes, each once
     assert {job.rsplit("-", 1)[1] for _, job in node_jobs} == {str(s) for s in range(1, steps + 1)}
     assert sorted(msgpack.unpackb(ack)["step"] for _, _, ack in applied) == list(range(1, trained + 1))
+    print(json.dumps({"chaos": {"load_submitted": result["submitted"], "load_answered": result["completed"], "node_steps": 2 * steps,
+                                "contained": trained, "applied_twice": trained - len(set(node_jobs))}}))  # for BENCHMARKS.md (pytest -s)

@@ -114,7 +114,7 @@ def _train_and_generate(cfg: SweepConfig, run: Run, folder: Path, say: Callable[
 
 
 def _load_run(cfg: SweepConfig, folder: Path) -> tuple[dict, dict, float]:
-    """(per-client samples {images, server_output?}, per-client energy, wall seconds) of a finished run."""
+    """(per-client samples {images, x_tc?}, per-client energy, wall seconds) of a finished run."""
     names = _names(cfg)
     if cfg.in_process:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -191,7 +191,7 @@ def evaluate_run(cfg: SweepConfig, run: Run, say: Callable[[str], None], feature
         row.update({k: math.nan for k in ("kid_produced", "kid_produced_std", "mse_produced_nearest", *AUDIT_COLUMNS, "twins_found",
                                           *MEMBERSHIP_COLUMNS)})
         if not run.local and cfg.disclosure_kid:
-            produced = samples[name]["server_output"].clamp(-1, 1)
+            produced = samples[name]["x_tc"].clamp(-1, 1)
             row["mse_produced_nearest"] = nearest_mse(produced, data.clients[i])
             row["kid_produced"], row["kid_produced_std"] = _kid(features(produced), real_feats["client"][i])
         if audit is not None:
