@@ -140,7 +140,14 @@ class Broker(Stoppable):
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
         if self.state is not None:
-            self.restore()
+            try:
+                self.restore()
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # readable but not ours: start empty
+                log.warning("ignoring the state in %s (%s: %s)", config.state, type(exc).__name__, exc)
+                self.owners.clear()
+                self.names_per_key.clear()
+                self.relayed = {kind: [] for kind in wire.RELAYED}
+                self.model_shape = self.levels = None
         self.started = time.monotonic()
         self.next_heartbeat = 0.0
         self.stopping = False

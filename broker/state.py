@@ -23,6 +23,8 @@ from typing import Any
 
 import msgpack
 
+from collafuse.common.files import replace_durably
+
 log = logging.getLogger("collafuse.broker")
 
 OWNERS = "owners"
@@ -34,7 +36,7 @@ class BrokerState:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._pending: dict[str, bytes] = {}  # file stem → content still to write
+        self._pending: dict[str, Any] = {}  # file stem → content still to write
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
@@ -50,10 +52,10 @@ class BrokerState:
             return None
 
     def write(self, stem: str, content: Any) -> None:
-        """Queue `content` for `stem`.msgpack; an older queued content for the same file is dropped."""
-        blob = msgpack.packb(content, use_bin_type=True)
+        """Queue `content` for `stem`.msgpack (packed by the writer, off the broker's loop); an older
+        queued content for the same file is dropped."""
         with self._lock:
-            self._pending[stem] = blob
+            self._pending[stem] = content
             if self._writer is None:  # the writer clears this, under the lock, when it runs out of work
                 self._writer = threading.Thread(target=self._drain_writes, name="broker-state", daemon=True)
                 self._writer.start()
@@ -70,14 +72,14 @@ class BrokerState:
                 if not self._pending:
                     self._writer = None
                     return
-                stem, blob = self._pending.popitem()
+                stem, content = self._pending.popitem()
             path = self.folder / f"{stem}.msgpack"
             tmp = path.with_name(path.name + ".tmp")
             try:
                 with open(tmp, "wb") as f:
-                    f.write(blob)
+                    f.write(msgpack.packb(content, use_bin_type=True))
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except OSError as exc:
+                replace_durably(tmp, path)
+            except Exception as exc:  # the writer must outlive one failed write
                 log.error("cannot write %s: %s", path, exc)

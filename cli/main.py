@@ -83,7 +83,7 @@ def broker(
     client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
     no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
     job_timeout: float = typer.Option(BrokerConfig.job_timeout, "--job-timeout", min=0.0, help="Seconds a worker may hold a job; then it is answered 'timeout'."),
-    state: str = typer.Option(BrokerConfig.state, "--state", help="Folder for the trainer's latest relayed weights and moments and the client-name registry, written as they change and read at start, so a restarted broker serves late workers at once and no name changes hands. Queued jobs are not kept: nodes re-send them."),
+    state: str = typer.Option(BrokerConfig.state, "--state", help="Folder for the trainer's latest relayed weights and moments and the client-name registry, written as they change and read at start, so a restarted broker serves late workers at once and no name changes hands. Queued jobs are not kept: nodes re-send them. The folder also fixes the model (image shape, T) the broker serves: another model needs another folder."),
     max_frame_bytes: int = MAX_FRAME,
 ) -> None:
     """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats, one final

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from collafuse.common.files import replace_durably
+
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The per-parameter state as named CPU tensors (`optim.<param index>.<key>`, e.g. Adam's
@@ -53,7 +55,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp), metadata={"collafuse": json.dumps(meta)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def load_checkpoint(

@@ -50,7 +50,7 @@ def server_part(config: NodeConfig, party, count: int, seed: int, sampler: Sampl
         link.close()
 
 
-def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: SamplerConfig, timeout: float = 600.0) -> dict:
+def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: SamplerConfig, timeout: float = NodeConfig.server_timeout) -> dict:
     shape = (1, config.data.image_size, config.data.image_size)  # the readers give grayscale images
     party = make_party(config, torch.empty((0, *shape)))
     if party.model is not None:

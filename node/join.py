@@ -184,9 +184,9 @@ class Join(Stoppable):
     def resume(self) -> int:
         """Load the local checkpoint, if there is one; the step to continue after (0 for a fresh node)."""
         path = checkpoint_path(self.config)
-        if self.party.model is None or not path.is_file():
+        if not path.is_file():
             return 0
-        meta = load_checkpoint(path, self.party.model, self.party.optimizer, self.party.device)
+        meta = load_checkpoint(path, self.party.model or torch.nn.Module(), self.party.optimizer, self.party.device)
         if meta.get("t_c") != self.party.t_c:
             raise ValueError(f"checkpoint {path} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
         self.party.rows_sent = int(meta.get("rows_sent", 0))
@@ -252,16 +252,15 @@ class Join(Stoppable):
 
     def checkpoint(self, step: int) -> None:
         """The local model with everything an exact resume needs, in one atomic file: the random
-        streams, the message row counter and the jobs sent but not yet answered (with their frames)."""
-        if self.party.model is None:
-            return
+        streams, the message row counter and the jobs sent but not yet answered (with their frames).
+        A node without a local model (c = 0) checkpoints all but the model, so it resumes exactly too."""
         outbox = self.sender.outbox() if self.sender else {}
         extra = {f"rng.{k}": v for k, v in self.party.rng_state().items()}
         for i, frames in enumerate(outbox.values()):
             extra.update({f"outbox.{i}.{part}": torch.frombuffer(bytearray(f), dtype=torch.uint8) for part, f in zip(("env", "blob"), frames)})
         meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name,
                 "rows_sent": self.party.rows_sent, "outbox": list(outbox)}
-        save_checkpoint(checkpoint_path(self.config), self.party.model, self.party.optimizer, meta, extra)
+        save_checkpoint(checkpoint_path(self.config), self.party.model or torch.nn.Module(), self.party.optimizer, meta, extra)
 
     def write_progress(self, step: int, done: bool = False) -> None:
         link = self.sender.link if self.sender else None

@@ -610,3 +610,26 @@ def test_chaos_nothing_acknowledged_is_lost_nothing_is_applied_twice(fleet, tmp_
     assert sorted(msgpack.unpackb(ack)["step"] for _, _, ack in applied) == list(range(1, trained + 1))
     print(json.dumps({"chaos": {"load_submitted": result["submitted"], "load_answered": result["completed"], "node_steps": 2 * steps,
                                 "contained": trained, "applied_twice": trained - len(set(node_jobs))}}))  # for BENCHMARKS.md (pytest -s)
+
+
+def test_a_trainer_restarted_from_its_checkpoint_is_not_rolled_back_by_an_older_relay(fleet, tmp_path):
+    """A trainer SIGKILLed and restarted at once registers while the broker still counts its old
+    connection as the trainer, so it is sent the last relayed version (step 2) although its own
+    checkpoint holds step 3, acknowledged: it keeps its model, and the next job is step 4."""
+    slow = ("--heartbeat-liveness", "150")  # 30 s before the broker declares the killed trainer dead: longer than a worker's start
+    front, back = start_broker(fleet, *slow)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "2", "--checkpoint", str(tmp_path / "t.safetensors"))
+    start_worker(fleet, back, front, "t", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    for i in range(3):
+        client.train(f"a{i}", seed=i)
+        assert client.collect({f"a{i}"}, timeout=60)[f"a{i}"][0]["step"] == i + 1
+    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
+    fleet.procs.pop("t").wait()
+    fleet.start("t-again", cli("-v", "worker", "--broker", back, "--name", "t", "--device", "cpu", *KEYRINGS[back].args("t", "trainer"),
+                               *FAST_HB, *flags))  # registers beside the dead one: a standby, sent version 2
+    log = fleet.logs / "t-again.log"
+    wait_for(lambda: log.is_file() and "ignoring weights version 2" in log.read_text(), 120, what="the relay of version 2")
+    client.train("b", seed=9)  # taken once the broker declares the killed trainer dead
+    assert client.collect({"b"}, timeout=60)["b"][0]["step"] == 4

@@ -91,6 +91,12 @@ class WeightRelay:
             self.load_moments(env["version"], arrays)
 
     def load_weights(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+        """Load a relayed version unless this model is as new or newer: a trainer restarted from its
+        own checkpoint (which holds acknowledged steps) may register while the broker still relays an
+        older version, and must not be rolled back to it."""
+        if version <= self.party.step:
+            log.info("ignoring weights version %d: this model is at step %d", version, self.party.step)
+            return
         current = self.party.model.state_dict()
         if set(arrays) != set(current) or any(tuple(arrays[k].shape) != tuple(current[k].shape) for k in current):
             log.error("ignoring weights version %d: incomplete, or not this worker's model", version)

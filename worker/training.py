@@ -73,8 +73,9 @@ class TrainBatcher:
         `release` (its step is not durable yet)."""
         key = (env["client"], env["job"])
         self.applied[key] = ack
-        while len(self.applied) > ACKS_REMEMBERED:
-            self.applied.popitem(last=False)
+        for old in list(self.applied)[: max(0, len(self.applied) - ACKS_REMEMBERED)]:
+            if old not in self.held:  # a held ack stays until it is sent
+                del self.applied[old]
         if hold:
             self.held_since = self.held_since if self.held else time.monotonic()
             self.held[key] = ack

@@ -47,6 +47,9 @@ __all__ = ["Worker", "WorkerStats", "moments_problem"]  # moments_problem: its h
 log = logging.getLogger("collafuse.worker")
 
 TRAIN_CREDIT_STEPS = 2  # train credit in steps' worth of rows: the next step's rows arrive while one is applied
+# With a checkpoint, credit comes back only with the ack, after the checkpoint: room for more steps
+# keeps rows arriving while acks wait, so that one checkpoint serves several steps under load.
+DURABLE_TRAIN_CREDIT_STEPS = 8
 IDLE_POLLS_PER_HEARTBEAT = 2  # an idle loop wakes this often per heartbeat interval, so heartbeats leave on time
 BYE_LINGER_MS = 1000  # how long the closing socket may take to deliver `bye`
 
@@ -120,7 +123,7 @@ class Worker(Stoppable):
                 "ready",
                 worker=self.config.name,
                 denoise_credit=self.config.max_batch + self.config.queue_rows,
-                train_credit=TRAIN_CREDIT_STEPS * self.config.max_train_rows,
+                train_credit=(DURABLE_TRAIN_CREDIT_STEPS if self.config.checkpoint else TRAIN_CREDIT_STEPS) * self.config.max_train_rows,
                 trainer=self.config.trainer,
                 image_shape=list(self.shape),
                 levels=self.limits.levels,
@@ -243,6 +246,8 @@ class Worker(Stoppable):
         self.stats.train_rows += row_count(batch)
         self.stats.jobs += len(batch) - len(outcome.refused)
         if self.party.step % self.config.sync_every == 0:
+            if self.config.checkpoint:  # a relayed version is durable first: a standby starts from steps that are in the checkpoint
+                self.checkpoint()
             self.relay.publish()
 
     # ---- denoising --------------------------------------------------------------------------
