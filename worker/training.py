@@ -81,9 +81,10 @@ class TrainBatcher:
             self.held[key] = ack
 
     def commit_due(self, wait: float) -> bool:
-        """Whether held acks should be made durable now: as soon as no training rows wait (group
-        commit: one checkpoint serves every step since the last), or when the oldest has waited `wait`."""
-        return bool(self.held) and (not self.pending or time.monotonic() - self.held_since >= wait)
+        """Whether held acks should be made durable now: unless a full step's rows already wait for
+        the next step (then one checkpoint after it serves both: group commit), or when the oldest
+        has waited `wait`. Clients that wait for their acks are never kept waiting for company."""
+        return bool(self.held) and (row_count(self.pending) < self.max_rows or time.monotonic() - self.held_since >= wait)
 
     def release(self) -> list[bytes]:
         """The held acks, now durable, to send."""
