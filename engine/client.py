@@ -128,8 +128,8 @@ class ClientParty:
             x_tc = None  # c = 1: the client samples alone from x_T
         elif x_tc is None:
             raise ValueError(f"client {self.name} with t_c = {self.t_c} needs the server's x_t_c to finish")
-        steps, eta = self.scheduler.share(sampler, start, 0)
-        return SampleJob(job_id, count, start, 0, seed, steps, eta, x_start=x_tc, stream=CLIENT_STREAM)
+        share, eta = self.scheduler.share(sampler, start, 0)
+        return SampleJob(job_id, count, start, 0, seed, share, eta, x_start=x_tc, stream=CLIENT_STREAM)
 
     @torch.no_grad()
     def finish(self, x_tc: torch.Tensor | None, count: int, seed: int, sampler: SamplerConfig, max_batch: int = 256) -> torch.Tensor:

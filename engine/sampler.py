@@ -30,7 +30,7 @@ class SampleJob:
     start: int
     base: int
     seed: int
-    steps: int | None = None  # None: ancestral over every level; k: about k DDIM jumps
+    ddim_share: int | None = None  # this party's share of the DDIM steps (about k jumps); None: ancestral over every level
     eta: float = 1.0
     x_start: torch.Tensor | None = None  # None: x_start ~ N(0, I) from the job's counter noise
     stream: int = 0  # separates the server's and the client's noise for the same seed
@@ -100,7 +100,7 @@ class BatchedSampler:
         """Queue a job; a job with nothing to do (start == base) is returned finished at once."""
         if job.x_start is not None and tuple(job.x_start.shape) != (job.count, *self.image_shape):
             raise ValueError(f"x_start has shape {tuple(job.x_start.shape)}, expected {(job.count, *self.image_shape)}")
-        job.path = self.scheduler.timesteps(job.start, job.base, job.steps)
+        job.path = self.scheduler.timesteps(job.start, job.base, job.ddim_share)
         if len(job.path) == 1:
             job.result = (job.x_start if job.x_start is not None else self._start_noise(job, 0, job.count)).cpu()
             return [job]

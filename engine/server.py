@@ -151,5 +151,5 @@ class ServerParty:
         levels = self.scheduler.levels
         if not 0 <= t_c < levels:
             raise ValueError(f"server denoising needs 0 <= t_c < {levels}, got {t_c}")
-        steps, eta = self.scheduler.share(sampler, levels, t_c)
-        return SampleJob(job_id, count, levels, t_c, seed, steps, eta, stream=SERVER_STREAM, first_row=first_row)
+        share, eta = self.scheduler.share(sampler, levels, t_c)
+        return SampleJob(job_id, count, levels, t_c, seed, share, eta, stream=SERVER_STREAM, first_row=first_row)
