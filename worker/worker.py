@@ -39,10 +39,8 @@ from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
 from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
-from collafuse.worker.relay import WeightRelay, moments_problem
+from collafuse.worker.relay import WeightRelay
 from collafuse.worker.training import TrainBatcher, row_count
-
-__all__ = ["Worker", "WorkerStats", "moments_problem"]  # moments_problem: its home before worker/relay.py
 
 log = logging.getLogger("collafuse.worker")
 
