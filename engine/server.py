@@ -11,10 +11,13 @@ import contextlib
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgpack
 import torch
 
 from collafuse.common.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.engine.collective import Collective
 from collafuse.engine.graphs import Forward, GraphedForward
 from collafuse.diffusion.models import build_unet
 from collafuse.engine.optim import apply_loss
@@ -31,6 +34,7 @@ class TrainOutcome:
 
     loss: float | None  # the applied step's (weighted) loss; None: nothing was applied
     refused: dict[int, str] = field(default_factory=dict)  # index of a message not applied → why
+    applied_elsewhere: list[Any] = field(default_factory=list)  # tags of the messages other ranks applied in this step
 
 
 def capped_shares(rows: dict[str, int], cap: float) -> dict[str, float]:
@@ -90,35 +94,49 @@ class ServerParty:
         recent = statistics.median(self.accepted_losses) if self.accepted_losses else 0.0
         return max(cfg.loss_bound_floor, cfg.loss_bound_factor * recent)
 
-    def train_step(self, messages: list[ServerMessage], owners: list[str] | None = None) -> TrainOutcome:
+    def train_step(self, messages: list[ServerMessage], owners: list[str] | None = None, group: Collective | None = None,
+                   tags: list[Any] | None = None) -> TrainOutcome:
         """One guarded optimiser step over the rows of the given messages (any clients, any t_c).
         A message whose loss is not finite or beyond `loss_bound()` is refused; each owner (client)
-        weighs at most `max_client_share` of the step; a non-finite gradient refuses the whole step."""
+        weighs at most `max_client_share` of the step; a non-finite gradient refuses the whole step.
+
+        With a `group` (data-parallel ranks, each with its own messages, possibly none), the
+        accepted messages' owners, sizes and losses are shared, so that every rank weighs rows as
+        one trainer with the union would, and the gradients are summed: the ranks step as one.
+        `tags` (msgpack-able, one per message) travel along; the outcome lists the other ranks'."""
         owners = owners or ["" for _ in messages]
+        tags = tags or [None for _ in messages]
         self.model.train()
-        per_row = self._row_losses(messages)
         sizes = [m.t.shape[0] for m in messages]
-        message_loss = torch.stack([chunk.mean() for chunk in per_row.detach().split(sizes)]).tolist()  # one device sync
+        per_row = self._row_losses(messages) if messages else None
+        message_loss = torch.stack([chunk.mean() for chunk in per_row.detach().split(sizes)]).tolist() if per_row is not None else []
         bound = self.loss_bound()
         refused = {i: f"loss {v:.3g} of these rows is beyond the trainer's bound {bound:.3g}" if v == v else "loss is not finite"
                    for i, v in enumerate(message_loss) if not (v <= bound)}
         kept = [i for i in range(len(messages)) if i not in refused]
-        if not kept:
+        table = [[owners[i], sizes[i], message_loss[i], tags[i]] for i in kept]
+        tables = [table] if group is None else [msgpack.unpackb(b, raw=False) for b in group.gather_bytes(msgpack.packb(table))]
+        everyone = [row for t in tables for row in t]  # rank order: the union as one trainer would hold it
+        if not everyone:
             return TrainOutcome(None, refused)
-        if refused:  # a refused row must not even be in the graph: 0 × NaN is NaN in the backward pass
+        if refused and kept:  # a refused row must not even be in the graph: 0 × NaN is NaN in the backward pass
             per_row = self._row_losses([messages[i] for i in kept])
         rows: dict[str, int] = {}
-        for i in kept:
-            rows[owners[i]] = rows.get(owners[i], 0) + sizes[i]
+        for owner, size, _, _ in everyone:
+            rows[owner] = rows.get(owner, 0) + size
         shares = capped_shares(rows, self.train_config.max_client_share)
-        weights = torch.cat([torch.full((sizes[i],), shares[owners[i]] / rows[owners[i]]) for i in kept])
-        loss = (per_row * weights.to(per_row.device)).sum()
-        value = apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
+        loss = None
+        if kept:
+            assert per_row is not None
+            weights = torch.cat([torch.full((sizes[i],), shares[owners[i]] / rows[owners[i]]) for i in kept])
+            loss = (per_row * weights.to(per_row.device)).sum()
+        value = apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip, group.sum_ if group is not None else None)
         if value is None:
             return TrainOutcome(None, {i: "the step's gradient was not finite" for i in range(len(messages))})
         self.step += 1
-        self.accepted_losses.extend(message_loss[i] for i in kept)
-        return TrainOutcome(value, refused)
+        self.accepted_losses.extend(row[2] for row in everyone)
+        others = [row[3] for rank, t in enumerate(tables) if group is not None and rank != group.rank for row in t]
+        return TrainOutcome(value, refused, others)
 
     def _row_losses(self, messages: list[ServerMessage]) -> torch.Tensor:
         merged = ServerMessage(

@@ -1,0 +1,82 @@
+"""Data-parallel trainers (issue 14) at the engine level: ranks on gloo, here as threads of one process."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from collafuse.engine.collective import Collective, StoreHost
+from collafuse.engine.server import ServerParty
+from collafuse.system.launch import free_port
+from tests.test_training import _message
+
+
+def _ranks(world: int, work, timeout: float = 30.0) -> list:
+    """Run `work(collective)` on `world` ranks at once (threads), each with its own group handle."""
+    address = f"127.0.0.1:{free_port()}"
+    host = StoreHost(address)
+    results: list = [None] * world
+    errors: list = []
+
+    def rank(r: int) -> None:
+        try:
+            results[r] = work(Collective("test-1", r, world, address, timeout, host if r == 0 else None))
+        except Exception as exc:  # surfaced below, with the rank
+            errors.append((r, exc))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 30)
+    assert not errors, errors
+    return results
+
+
+def test_ranks_step_as_one_trainer_with_the_union_of_their_rows():
+    """Three steps: rank 0 and rank 1 hold different clients' messages (in step 2 rank 1 holds none,
+    in step 3 one of rank 0's is hostile and refused); the ranks' weights equal, within float
+    tolerance, those of one trainer given the union in rank order, and equal each other exactly.
+    The tolerance: summing gradients in another order changes their last bits, and Adam divides
+    each gradient by its own magnitude, so a parameter whose gradient is near zero can move by a
+    fraction of the learning rate (1e-3) either way; nearly all parameters agree to 1e-6."""
+    steps = [
+        ([_message(6, seed=1)], ["a"], [_message(10, seed=2), _message(4, seed=3)], ["b", "c"]),
+        ([_message(8, seed=4), _message(8, seed=5)], ["a", "b"], [], []),
+        ([_message(4, seed=6, eps_scale=50.0), _message(5, seed=7)], ["m", "a"], [_message(20, seed=8)], ["flood"]),
+    ]
+    single = ServerParty((1, 32, 32), seed=7)
+    expected = [single.train_step(m0 + m1, o0 + o1) for m0, o0, m1, o1 in steps]
+
+    parties = [ServerParty((1, 32, 32), seed=7) for _ in range(2)]  # built here: seeding is not thread-safe
+
+    def work(group: Collective):
+        party = parties[group.rank]
+        outcomes = []
+        for m0, o0, m1, o1 in steps:
+            mine, owners = (m0, o0) if group.rank == 0 else (m1, o1)
+            outcomes.append(party.train_step(mine, owners, group, tags=[f"{group.rank}/{i}" for i in range(len(mine))]))
+        return party, outcomes
+
+    (p0, out0), (p1, out1) = _ranks(2, work)
+    assert p0.step == p1.step == single.step == 3
+    for a, b in zip(p0.model.parameters(), p1.model.parameters()):
+        assert torch.equal(a, b)
+    gap = torch.cat([(a - c).abs().reshape(-1) for a, c in zip(p0.model.parameters(), single.model.parameters())])
+    assert gap.max() < 1e-4 and (gap > 1e-6).float().mean() < 1e-3 and gap.mean() < 1e-7
+    for mine, theirs, one in zip(out0, out1, expected):
+        assert mine.loss is not None and abs(mine.loss - one.loss) < 1e-5 and mine.loss == theirs.loss
+    assert set(out0[2].refused) == {0} and not out1[2].refused  # the hostile message is refused where it lies
+    assert out0[0].applied_elsewhere == ["1/0", "1/1"] and out1[0].applied_elsewhere == ["0/0"]
+    assert out0[2].applied_elsewhere == ["1/0"] and out1[2].applied_elsewhere == ["0/1"]  # refused rows are not applied
+
+
+def test_a_group_with_no_rows_anywhere_takes_no_step():
+    parties = [ServerParty((1, 32, 32), seed=1) for _ in range(2)]
+
+    def work(group: Collective):
+        party = parties[group.rank]
+        return party.train_step([], [], group).loss, party.step
+
+    assert _ranks(2, work) == [(None, 0), (None, 0)]
