@@ -39,6 +39,7 @@ import zmq
 from collafuse.common.config import BrokerConfig
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import security, tensors, wire
+from collafuse.broker.group import TrainerGroup
 from collafuse.broker.state import OWNERS, BrokerState
 from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
@@ -97,10 +98,12 @@ class WorkerState:
     jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
     completed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # the worker's own counters, from its heartbeats
+    group: str = ""  # a data-parallel trainer's rendezvous address ('' = not in the group)
 
     def wants(self, relayed: str) -> bool:
-        """Every worker needs the trainer's weights; only one that may take over training its moments."""
-        return relayed == "weights" or self.trainer
+        """Every worker needs the trainer's weights; only one that may take over training its moments.
+        A member of the trainer group needs neither: the group keeps its ranks identical."""
+        return not self.group and (relayed == "weights" or self.trainer)
 
 
 class Broker(Stoppable):
@@ -135,7 +138,8 @@ class Broker(Stoppable):
         self.queued_bytes = 0
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
-        self.trainer: bytes | None = None
+        self.trainer: bytes | None = None  # the trainer whose weights are relayed (the group's rank 0)
+        self.group = TrainerGroup(config.group_settle)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
@@ -186,6 +190,7 @@ class Broker(Stoppable):
                 drain(self.backend, lambda frames: self.on_worker(frames[0].bytes, frames[1:]))
             if self.frontend in events:
                 drain(self.frontend, lambda frames: self.on_node(frames[0].bytes, frames[1:]))
+            self.reform_group()
             self.dispatch()
             self.heartbeat()
         self.close()
@@ -442,6 +447,9 @@ class Broker(Stoppable):
             for other in self.workers.values():
                 if other.route != route and other.wants(kind):
                     self.backend.send_multipart([other.route, *frames], copy=False)
+        elif kind == "group_failed" and worker.group:
+            log.warning("trainer %s: group generation %s failed", worker.name, env["id"] or "(none)")
+            self.group.failed(route, env["id"], time.monotonic())
         elif kind == "bye":
             self.remove_worker(worker, "said bye")
 
@@ -456,8 +464,11 @@ class Broker(Stoppable):
         if old is not None:
             self.requeue(old)
         credit = {"denoise": env["denoise_credit"], "train": env["train_credit"] if env["trainer"] else 0}
-        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), env["trainer"], time.monotonic())
+        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), env["trainer"], time.monotonic(),
+                             group=env.get("group", "") if env["trainer"] else "")
         self.workers[route] = worker
+        if worker.group:
+            self.group.join(route, worker.group, time.monotonic())
         if worker.trainer and self.trainer is None:
             self.trainer = route
         else:
@@ -514,6 +525,7 @@ class Broker(Stoppable):
         log.warning("worker %s removed (%s); re-queueing %d jobs", worker.name, why, len(worker.jobs))
         self.workers.pop(worker.route, None)
         self.requeue(worker)
+        self.group.leave(worker.route, time.monotonic())
         if self.trainer == worker.route:
             self.trainer = next((w.route for w in self.workers.values() if w.trainer), None)
 
@@ -524,19 +536,34 @@ class Broker(Stoppable):
         worker.jobs.clear()
 
     # ---- dispatch, deadlines and heartbeats -------------------------------------------------
+    def takers(self, kind: str) -> list[WorkerState]:
+        """The workers that take this kind of job: train jobs go to the trainer group's current
+        members (spread by credit), or, without a group, to the one active trainer."""
+        if kind == "denoise":
+            return list(self.workers.values())
+        if self.group.current.members:
+            return [self.workers[r] for r in self.group.current.members if r in self.workers]
+        return [self.workers[self.trainer]] if self.trainer in self.workers else []
+
     def pick_worker(self, job: Job) -> WorkerState | None:
-        if job.kind == "train":
-            w = self.workers.get(self.trainer) if self.trainer else None
-            return w if w is not None and w.credit["train"] >= job.rows else None
-        best = max(self.workers.values(), key=lambda w: w.credit["denoise"], default=None)
-        return best if best is not None and best.credit["denoise"] >= job.rows else None
+        best = max(self.takers(job.kind), key=lambda w: w.credit[job.kind], default=None)
+        return best if best is not None and best.credit[job.kind] >= job.rows else None
 
     def servable(self, job: Job) -> bool:
         """Some live worker could take this job once its credit is back."""
-        if job.kind == "train":
-            w = self.workers.get(self.trainer) if self.trainer else None
-            return w is not None and w.max_credit["train"] >= job.rows
-        return any(w.max_credit["denoise"] >= job.rows for w in self.workers.values())
+        return any(w.max_credit[job.kind] >= job.rows for w in self.takers(job.kind))
+
+    def reform_group(self) -> None:
+        """Tell the trainer group's members their new generation once a re-form is due; its rank 0's
+        weights are the ones relayed."""
+        generation = self.group.reform(self.epoch, time.monotonic())
+        if generation is None:
+            return
+        log.info("trainer group %s: %s", generation.id, ", ".join(self.workers[r].name for r in generation.members) or "empty")
+        for route in generation.members:
+            self.backend.send_multipart([route, wire.encode("group", **generation.message(route))])
+        if generation.members:
+            self.trainer = generation.members[0]
 
     def dispatch(self) -> None:
         """Round robin: the (client, kind) queue served last goes to the back of the line; a queue
@@ -577,7 +604,7 @@ class Broker(Stoppable):
             head = queue[0]
             if self.servable(head):
                 continue
-            if self.workers and (head.kind == "denoise" or self.trainer):
+            if self.takers(head.kind):
                 self.fail(self.dequeue(entry), ErrorCode.TOO_LARGE, f"{head.kind} of {head.rows} rows exceeds what every live worker takes at once")
             elif now - head.received > self.config.no_worker_wait:
                 self.fail(self.dequeue(entry), ErrorCode.UNAVAILABLE, f"no worker could take this {head.kind} job for {self.config.no_worker_wait:.0f} s")
@@ -627,10 +654,12 @@ class Broker(Stoppable):
             "in_flight": sum(in_flight.values()),
             "forwarded": self.forwarded,
             "weights_relayed": bool(self.relayed["weights"]),
+            "trainer_group": {"generation": self.group.current.id, "world": len(self.group.current.members)},
             "workers": [
                 {
                     "name": w.name,
                     "trainer": w.route == self.trainer,
+                    "rank": self.group.rank(w.route),
                     "credit": w.credit,
                     "in_flight": len(w.jobs),
                     "completed": w.completed,

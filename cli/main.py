@@ -125,7 +125,7 @@ def worker(
     broker: str = typer.Option(WorkerConfig.broker, "--broker", help="The broker's backend address."),
     name: str = typer.Option(WorkerConfig.name, "--name", help="Worker name shown in status."),
     queue_rows: int = typer.Option(WorkerConfig.queue_rows, "--queue-rows", min=0, help="Denoising rows held beyond the pool so it stays full (credit = max batch + this)."),
-    train: bool = typer.Option(WorkerConfig.trainer, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time)."),
+    train: bool = typer.Option(WorkerConfig.trainer, "--train/--no-train", help="Offer to be the trainer (one trainer is active at a time, unless they form a --group)."),
     max_train_rows: int = typer.Option(WorkerConfig.max_train_rows, "--max-train-rows", min=1, help="Training rows merged into one optimiser step."),
     train_wait: float = typer.Option(WorkerConfig.train_wait, "--train-wait", min=0.0, help="Seconds the first waiting training row waits for company."),
     lr: float = typer.Option(TrainConfig.learning_rate, "--lr", help="Adam learning rate of the server model."),
@@ -139,6 +139,12 @@ def worker(
         help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
     seed: int = typer.Option(WorkerConfig.seed, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
     energy_report: str = typer.Option(WorkerConfig.energy_report, "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
+    group: str = typer.Option(
+        WorkerConfig.group, "--group", metavar="HOST:PORT",
+        help="Join the data-parallel trainer group: every trainer started with --group trains the one model together (gloo), "
+             "the broker spreads train jobs over them and re-forms the group when one joins or dies. HOST:PORT is where this "
+             "worker serves the group's rendezvous when it is rank 0 (reachable by the other trainers; one free port per worker)."),
+    group_timeout: float = typer.Option(WorkerConfig.group_timeout, "--group-timeout", min=0.1, help="Seconds a trainer group's collective waits for a slow or dead rank before the group re-forms without it (keep below the heartbeat interval × liveness)."),
     max_frame_bytes: int = MAX_FRAME,
 ) -> None:
     """Serve the shared server model: batched training and continuous-batching denoising."""
@@ -149,7 +155,8 @@ def worker(
         broker=broker, keys=conn.folder(), name=name, device=served.device, model=served.model, image_size=served.image_size, max_batch=served.max_batch,
         queue_rows=queue_rows, trainer=train, max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, durable_wait=durable_wait, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report,
-        seed=seed, heartbeat=conn.heartbeat(), train=TrainConfig(learning_rate=lr), limits=conn.limits(max_frame_bytes),
+        seed=seed, group=group, group_timeout=group_timeout, heartbeat=conn.heartbeat(), train=TrainConfig(learning_rate=lr),
+        limits=conn.limits(max_frame_bytes),
     )
     with user_errors(ValueError, KeyFolderError):
         w = Worker(config)

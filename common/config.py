@@ -183,6 +183,7 @@ class BrokerConfig:
     # Every accepted job gets one final reply within a bound (PROTOCOL.md):
     no_worker_wait: float = 60.0  # a queued job that no live worker can take is answered "unavailable" after this
     job_timeout: float = 900.0  # a job a worker holds longer than this is answered "timeout"
+    group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 
@@ -219,6 +220,10 @@ class WorkerConfig(PeerConfig):
     cuda_graphs: bool | None = None  # replay the denoising forward as CUDA graphs; None: on when the device is CUDA
     energy_report: str = ""  # where to write the worker's energy per phase at shutdown ('' = nowhere)
     seed: int = 0  # of the initial server weights (when no checkpoint)
+    # Data-parallel training: HOST:PORT where this trainer serves the group's rendezvous when it is
+    # rank 0 ('' = no group: one trainer is active, the others stand by).
+    group: str = ""
+    group_timeout: float = 5.0  # seconds a collective waits for a rank; below heartbeat interval × liveness, so a waiting rank is not declared dead
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

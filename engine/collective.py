@@ -81,10 +81,10 @@ class Collective:
     def broadcast_bytes(self, blob: bytes, root: int) -> bytes:
         """`root`'s blob on every rank (the others' `blob` is ignored)."""
         size = torch.tensor([len(blob) if self.rank == root else 0], dtype=torch.int64)
-        self.group.broadcast([size], root).wait()
+        self.group.broadcast(size, root).wait()
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if self.rank == root and blob else torch.zeros(int(size), dtype=torch.uint8)
         if int(size):
-            self.group.broadcast([data], root).wait()
+            self.group.broadcast(data, root).wait()
         return bytes(data.numpy())
 
     def any(self, flag: bool) -> bool:

@@ -79,6 +79,7 @@ class ServerParty:
         self.cuda_graphs = cuda_graphs
         self._graphed: dict[int, GraphedForward] = {}
         self.step = 0
+        self.rows_applied = 0  # rows in every step taken (all ranks of a group): a job applied twice shows here
         self.accepted_losses: deque[float] = deque(maxlen=256)  # recent accepted messages' losses, for the bound
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -134,6 +135,7 @@ class ServerParty:
         if value is None:
             return TrainOutcome(None, {i: "the step's gradient was not finite" for i in range(len(messages))})
         self.step += 1
+        self.rows_applied += sum(row[1] for row in everyone)
         self.accepted_losses.extend(row[2] for row in everyone)
         others = [row[3] for rank, t in enumerate(tables) if group is not None and rank != group.rank for row in t]
         return TrainOutcome(value, refused, others)

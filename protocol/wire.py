@@ -104,6 +104,9 @@ COUNT = _int(lambda _: 0, lambda _: 2**62)
 RELAYED = ("weights", "moments")
 RELAY_FIELDS = {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)}
 
+GENERATION = _str(64, allow_empty=True)  # a trainer group's generation: the broker's epoch and a counter
+ADDRESS = _str(256)  # HOST:PORT of a trainer group's rendezvous
+MAX_RANKS = 1024
 EPOCH = _str(32)  # one broker run: a peer that sees another one re-registers and re-sends (PROTOCOL.md)
 
 # type → {field: check}. Every type also carries v and type.
@@ -144,10 +147,13 @@ FIELDS: dict[str, dict[str, Check]] = {
     "weights": RELAY_FIELDS,
     "moments": RELAY_FIELDS,
     "bye": {},
+    # broker → trainer in a data-parallel group: a new generation; trainer → broker: one failed
+    "group": {"id": GENERATION, "rank": _int(lambda _: 0, lambda _: MAX_RANKS - 1), "world": _int(lambda _: 1, lambda _: MAX_RANKS), "store": ADDRESS},
+    "group_failed": {"id": GENERATION},
 }
 
 # type → {field: check} for fields a message may carry: the broker's heartbeats carry its epoch.
-OPTIONAL: dict[str, dict[str, Check]] = {"heartbeat": {"epoch": EPOCH}}
+OPTIONAL: dict[str, dict[str, Check]] = {"heartbeat": {"epoch": EPOCH}, "ready": {"group": ADDRESS}}
 
 KINDS_WITH_REPLY = ("train", "denoise")  # the job kinds a node submits; each gets exactly one final reply
 REPLIES = ("ack", "result", "error")  # the final replies a worker sends for them

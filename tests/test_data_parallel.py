@@ -80,3 +80,12 @@ def test_a_group_with_no_rows_anywhere_takes_no_step():
         return party.train_step([], [], group).loss, party.step
 
     assert _ranks(2, work) == [(None, 0), (None, 0)]
+
+
+def test_collective_bytes_travel_between_ranks():
+    def work(group: Collective):
+        mine = bytes([group.rank]) * (group.rank * 3)  # rank 0 sends nothing
+        return group.gather_bytes(mine), group.broadcast_bytes(b"state of rank 2" if group.rank == 2 else b"", 2), group.any(group.rank == 1)
+
+    for gathered, state, anyone in _ranks(3, work):
+        assert gathered == [b"", b"\x01" * 3, b"\x02" * 6] and state == b"state of rank 2" and anyone

@@ -634,3 +634,58 @@ def test_a_trainer_restarted_from_its_checkpoint_is_not_rolled_back_by_an_older_
     wait_for(lambda: log.is_file() and "ignoring weights version 2" in log.read_text(), 120, what="the relay of version 2")
     client.train("b", seed=9)  # taken once the broker declares the killed trainer dead
     assert client.collect({"b"}, timeout=60)["b"][0]["step"] == 4
+
+
+def _group_status(front: str) -> dict:
+    st = _status(front) or {}
+    return {w["name"]: w for w in st.get("workers", [])} | {"": st.get("trainer_group", {})}
+
+
+def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_path):
+    """Two trainers started with --group form one data-parallel group (ranks 0 and 1) and share the
+    train jobs; a third joins and the group re-forms with three; one rank SIGKILLed while jobs
+    stream: every job gets exactly one ack, the survivors hold every acknowledged job (the
+    checkpoint's memory of applied jobs) and no job's rows are applied twice (rows applied =
+    jobs × rows per job)."""
+    front, back = start_broker(fleet)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "3")
+    ckpt = tmp_path / "rank0.safetensors"
+    start_worker(fleet, back, front, "t0", *flags, "--group", f"127.0.0.1:{free_port()}", "--checkpoint", str(ckpt))
+    start_worker(fleet, back, front, "t1", *flags, "--group", f"127.0.0.1:{free_port()}")
+    wait_for(lambda: _group_status(front)[""].get("world") == 2, 60, what="a group of two")
+    ranks = _group_status(front)
+    assert {ranks["t0"]["rank"], ranks["t1"]["rank"]} == {0, 1}
+    client = RawClient(front, "c")
+    client.hello()
+    first = {f"a{i:02d}" for i in range(16)}
+    for i, job in enumerate(sorted(first)):
+        client.train(job, seed=i)
+    got = client.collect(first, timeout=120)
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
+    wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ("t0", "t1")), 20, what="both ranks to apply rows")
+    start_worker(fleet, back, front, "t2", *flags, "--group", f"127.0.0.1:{free_port()}")
+    wait_for(lambda: _group_status(front)[""].get("world") == 3, 60, what="a group of three")
+    second = {f"b{i:02d}" for i in range(24)}
+    for i, job in enumerate(sorted(second)):
+        client.train(job, seed=100 + i)
+        if i == 8:
+            victim = next(n for n in ("t1", "t2") if _group_status(front)[n]["rank"] != 0)
+            os.kill(fleet.procs[victim].pid, signal.SIGKILL)
+            fleet.procs.pop(victim).wait()
+            killed = time.monotonic()
+    more = client.collect(second, timeout=180)
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in more.values()), more
+    recovered = time.monotonic() - killed
+    assert fleet.stop("t0") == 0  # SIGTERM: it checkpoints
+
+    from collafuse.engine.checkpoint import load_extra
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["collafuse"])["metadata"]
+    applied = {job for client_name, job, _ in msgpack.unpackb(load_extra(ckpt)["applied"].numpy().tobytes(), raw=False)}
+    acknowledged = first | second
+    assert acknowledged <= applied  # every acknowledged job is in the surviving model
+    assert meta["rows"] == 4 * len(acknowledged)  # and none twice
+    print(json.dumps({"trainer_group": {"acknowledged": len(acknowledged), "contained": len(acknowledged & applied),
+                                        "applied_twice": meta["rows"] // 4 - len(acknowledged), "steps": meta["step"],
+                                        "kill_to_all_acked_s": round(recovered, 1)}}))

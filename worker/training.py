@@ -44,12 +44,14 @@ class TrainBatcher:
             self.pending_since = time.monotonic()
         self.pending.append((env, msg))
 
+    def due(self) -> bool:
+        """Whether a step is due: enough rows wait, or the oldest has waited `wait`."""
+        return bool(self.pending) and (row_count(self.pending) >= self.max_rows or time.monotonic() - self.pending_since >= self.wait)
+
     def take(self, flush: bool = False) -> list[Pending]:
         """The next step's jobs, oldest first: at most `max_rows` rows but at least one job (a job
         is never split). None until they are due, unless `flush`."""
-        if not self.pending:
-            return []
-        if not flush and row_count(self.pending) < self.max_rows and time.monotonic() - self.pending_since < self.wait:
+        if not self.pending or not (flush or self.due()):
             return []
         batch: list[Pending] = []
         while self.pending and (not batch or row_count(batch) + self.pending[0][1].t.shape[0] <= self.max_rows):
@@ -98,3 +100,14 @@ class TrainBatcher:
     def restore(self, blob: bytes) -> None:
         for client, job, ack in msgpack.unpackb(blob, raw=False):
             self.applied[(client, job)] = ack
+
+    def put_back(self, jobs: list[Pending]) -> None:
+        """Jobs taken for a step that was not taken (a trainer group's collective failed): first again."""
+        self.pending[:0] = jobs
+
+    def settle_applied(self) -> list[tuple[dict, bytes]]:
+        """Waiting jobs that turn out to be applied already (another rank of the group stepped with
+        them), taken out with their acks."""
+        done = [(env, ack) for env, _ in self.pending if (ack := self.ack_of(env)) is not None]
+        self.pending = [(env, msg) for env, msg in self.pending if self.ack_of(env) is None]
+        return done

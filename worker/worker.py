@@ -39,6 +39,8 @@ from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
 from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
+from collafuse.engine.collective import Collective, CollectiveError, split_address
+from collafuse.worker.group import GroupMember
 from collafuse.worker.relay import WeightRelay
 from collafuse.worker.training import TrainBatcher, row_count
 
@@ -49,6 +51,7 @@ TRAIN_CREDIT_STEPS = 2  # train credit in steps' worth of rows: the next step's 
 # keeps rows arriving while acks wait, so that one checkpoint serves several steps under load.
 DURABLE_TRAIN_CREDIT_STEPS = 8
 IDLE_POLLS_PER_HEARTBEAT = 2  # an idle loop wakes this often per heartbeat interval, so heartbeats leave on time
+GROUP_IDLE_POLL_MS = 20  # an idle rank of a trainer group: its peers wait this long at most for it to agree on a step
 BYE_LINGER_MS = 1000  # how long the closing socket may take to deliver `bye`
 
 
@@ -77,16 +80,22 @@ class Worker(Stoppable):
             cuda_graphs=self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs,
         )
         self.batcher = TrainBatcher(config.max_train_rows, config.train_wait)
+        if config.group:
+            if not config.trainer:
+                raise ValueError("a worker in the trainer group must train (--group with --no-train)")
+            split_address(config.group)
+        self.group = GroupMember(config, self.party, self.batcher) if config.group else None
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
-            self.party.step = int(meta.get("step", 0))
+            self.party.step, self.party.rows_applied = int(meta.get("step", 0)), int(meta.get("rows", 0))
             applied = load_extra(config.checkpoint).get("applied")
             if applied is not None:
                 self.batcher.restore(applied.numpy().tobytes())
             log.info("resumed the server model from %s at step %d (%d applied jobs remembered)", config.checkpoint, self.party.step,
                      len(self.batcher.applied))
         elif config.trainer and not config.checkpoint:
-            log.warning("no --checkpoint: this worker's acknowledgements are not durable (a trainer that dies loses acknowledged updates)")
+            log.warning("no --checkpoint: this worker's acknowledgements are not durable (a trainer that dies loses acknowledged updates)%s",
+                        "; in a trainer group of two or more they are: every rank holds every step" if config.group else "")
         self.ctx = context or zmq.Context.instance()
         self.keys = PeerKeys.load(Path(config.keys)) if config.keys else None
         self.sock: zmq.Socket | None = None
@@ -104,6 +113,7 @@ class Worker(Stoppable):
             "denoise": self.on_denoise,
             "error": self.on_error,
             "heartbeat": self.on_heartbeat,
+            "group": self.on_group,
             **{kind: self.relay.on_relayed for kind in wire.RELAYED},
         }
 
@@ -126,6 +136,7 @@ class Worker(Stoppable):
                 image_shape=list(self.shape),
                 levels=self.limits.levels,
                 model=self.config.model,
+                **({"group": self.config.group} if self.config.group else {}),
             )
         )
         self.last_heard = time.monotonic()
@@ -143,7 +154,8 @@ class Worker(Stoppable):
         """Heartbeat the broker when due; reconnect when it has been silent too long."""
         hb = self.config.heartbeat
         if now >= self.next_heartbeat:
-            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step}))
+            rank = self.group.rank if self.group is not None else None
+            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step, "rows": self.party.rows_applied, "rank": rank}))
             self.next_heartbeat = now + hb.interval
         if now - self.last_heard > hb.interval * hb.liveness:
             log.warning("broker silent for %.1f s: reconnecting", now - self.last_heard)
@@ -155,17 +167,29 @@ class Worker(Stoppable):
         idle_poll_ms = int(self.config.heartbeat.interval * 1000 / IDLE_POLLS_PER_HEARTBEAT)
         while not self.stopping:
             busy = not self.engine.idle() or bool(self.batcher.pending)
+            in_group = self.group is not None and (self.group.collective is not None or self.group.announced is not None)
             assert self.sock is not None
-            if self.sock.poll(0 if busy else idle_poll_ms, zmq.POLLIN):
+            if self.sock.poll(0 if busy else GROUP_IDLE_POLL_MS if in_group else idle_poll_ms, zmq.POLLIN):
                 drain(self.sock, self.on_message)
             self.train()
             if not self.engine.idle():
                 self.denoise_once()
             self.keep_alive(time.monotonic())
-            if self.config.checkpoint and (self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every
-                                           or self.batcher.commit_due(self.config.durable_wait)):
+            if self.checkpoint_due():
                 self.checkpoint()
         self.shutdown()
+
+    def replicated(self) -> bool:
+        """Whether a step, once every rank has passed the next collective, is on several processes:
+        then an ack needs no checkpoint to survive the death of any one of them."""
+        return self.group is not None and self.group.world >= 2
+
+    def checkpoint_due(self) -> bool:
+        if not self.config.checkpoint:
+            return False
+        if self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every:
+            return True
+        return not self.replicated() and self.batcher.commit_due(self.config.durable_wait)
 
     def on_message(self, frames: list[zmq.Frame]) -> None:
         """Any message proves the broker alive; a job that fails still gets its one reply."""
@@ -199,6 +223,10 @@ class Worker(Stoppable):
         else:
             self.epoch = epoch
 
+    def on_group(self, env: dict, frames: list[zmq.Frame]) -> None:
+        if self.group is not None:
+            self.group.on_group(env)
+
     def on_error(self, env: dict, frames: list[zmq.Frame]) -> None:
         """Rejoin a broker that does not know this connection (it restarted); stop if it never will take us."""
         if env["code"] == ErrorCode.NOT_JOINED:
@@ -223,27 +251,74 @@ class Worker(Stoppable):
 
     def train(self, flush: bool = False) -> None:
         """One optimiser step over the jobs the batcher has due (with `flush`, the oldest that fit one,
-        due or not), each answered with an ack or `refused`; publish the weights every `sync_every` steps."""
-        batch = self.batcher.take(flush)
-        if not batch:
+        due or not); in a trainer group, the step the ranks agree on."""
+        if self.group is not None:
+            self.train_in_group()
             return
+        batch = self.batcher.take(flush)
+        if batch:
+            self.apply(batch)
+
+    def train_in_group(self) -> None:
+        """Join an announced generation, or agree with the other ranks whether a step is due and take
+        it together (with this rank's due jobs, or none). Acks held for replication go out once
+        every rank has passed the collective after their step. A failed collective puts the step's
+        jobs back and tells the broker, which re-forms the group."""
+        group = self.group
+        assert group is not None
+        if group.collective is None:
+            if group.announced is not None:
+                why = group.join()
+                if why:
+                    self.group_failed(why)
+                for env, ack in self.batcher.settle_applied():  # applied by the others in a step this rank missed
+                    self.batcher.remember(env, ack, hold=True)
+            return
+        batch: list = []
+        try:
+            due = group.agree(self.batcher.due())
+            if self.replicated() or not self.config.checkpoint:
+                self.send_acks(self.batcher.release())
+            if due:
+                batch = self.batcher.take(flush=True)
+                self.apply(batch, group.collective)
+        except CollectiveError as exc:
+            self.batcher.put_back(batch)
+            self.group_failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def group_failed(self, why: str) -> None:
+        assert self.group is not None
+        log.warning("trainer group %s failed (%s): telling the broker", self.group.generation or "(none)", why)
+        self.group.collective = None
+        self.send(wire.encode("group_failed", id=self.group.generation))
+
+    def apply(self, batch: list, collective: Collective | None = None) -> None:
+        """One optimiser step over these jobs (in a group: with the other ranks'), each answered
+        with an ack or `refused`; the acks of the jobs other ranks applied are remembered too, so
+        that one re-sent to this rank is acknowledged, not applied again. The trainer (rank 0)
+        publishes the weights every `sync_every` steps."""
         with self.energy.phase("server_training"):
-            outcome = self.party.train_step([m for _, m in batch], [env["client"] for env, _ in batch])
+            outcome = self.party.train_step([m for _, m in batch], [env["client"] for env, _ in batch], collective,
+                                            [[env["client"], env["job"]] for env, _ in batch])
         self.batcher.stepped()
+        hold = bool(self.config.checkpoint) or self.replicated()
         for i, (env, _) in enumerate(batch):
             if i in outcome.refused:
                 self.reply_error(env, ProtocolError(ErrorCode.REFUSED, outcome.refused[i], env["job"]))
                 continue
             ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(outcome.loss))
-            self.batcher.remember(env, ack, hold=bool(self.config.checkpoint))
-            if not self.config.checkpoint:
+            self.batcher.remember(env, ack, hold=hold)
+            if not hold:
                 self.send(ack)
         if outcome.loss is None:  # every job was refused: no step was taken
             return
+        for client, job in outcome.applied_elsewhere:
+            ack = wire.encode("ack", job=job, client=client, step=self.party.step, loss=float(outcome.loss))
+            self.batcher.remember({"client": client, "job": job}, ack, hold=False)
         self.stats.train_steps += 1
         self.stats.train_rows += row_count(batch)
         self.stats.jobs += len(batch) - len(outcome.refused)
-        if self.party.step % self.config.sync_every == 0:
+        if self.party.step % self.config.sync_every == 0 and (self.group is None or self.group.rank == 0):
             if self.config.checkpoint:  # a relayed version is durable first: a standby starts from steps that are in the checkpoint
                 self.checkpoint()
             self.relay.publish()
@@ -285,18 +360,23 @@ class Worker(Stoppable):
         job it contains instead of applying it again) in one atomic file; then the held acks, whose
         steps it now contains, go out: an ack is sent only once its update survives this process."""
         applied = torch.frombuffer(bytearray(self.batcher.applied_blob()), dtype=torch.uint8)
-        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "model": self.config.model},
+        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "rows": self.party.rows_applied, "model": self.config.model},
                         {"applied": applied})
         self.last_checkpoint_step = self.party.step
         log.debug("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
-        for ack in self.batcher.release():
+        self.send_acks(self.batcher.release())
+
+    def send_acks(self, acks: list[bytes]) -> None:
+        for ack in acks:
             if self.sock is not None:
                 self.send(ack)
 
     def shutdown(self) -> None:
-        """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once)."""
-        while self.batcher.pending:
-            self.train(flush=True)
+        """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once). A rank
+        of a trainer group applies nothing alone: the broker gives its jobs to the other ranks,
+        which hold every step this rank took."""
+        while self.batcher.pending and (self.group is None or self.group.world == 1):
+            self.apply(self.batcher.take(flush=True), self.group.collective if self.group is not None else None)
         if self.config.checkpoint:
             self.checkpoint()
         report = self.energy.stop()

@@ -1,0 +1,75 @@
+"""The data-parallel trainer group as the broker keeps it: who is in it, in which rank order, and
+when it must re-form.
+
+The broker is the group's membership service (its heartbeats already say who is alive); the ranks
+reduce among themselves on torch.distributed. Each generation has an id that names this broker run
+and a counter; a re-form is due `settle` seconds after a member joins, leaves or reports that the
+current generation failed (a collective timed out or lost a peer), so that several events make one
+new generation. After a failure only the members that reported it (and newcomers) are kept: a dead
+rank never reports, and a slow one that reports later joins the next generation as a newcomer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Generation:
+    """One formed group: what each member is told in its `group` message."""
+
+    id: str
+    members: list[bytes]  # routes, in rank order
+    store: str  # rank 0's rendezvous address
+
+    def message(self, route: bytes) -> dict:
+        return {"id": self.id, "rank": self.members.index(route), "world": len(self.members), "store": self.store}
+
+
+@dataclass
+class TrainerGroup:
+    settle: float  # seconds to wait after an event before re-forming
+    candidates: dict[bytes, str] = field(default_factory=dict)  # every live member → its rendezvous address, oldest first
+    current: Generation = field(default_factory=lambda: Generation("", [], ""))
+    count: int = 0  # generations formed in this broker run
+    reported: set[bytes] = field(default_factory=set)  # members that reported the current generation failed
+    reform_at: float | None = None
+
+    def rank(self, route: bytes) -> int | None:
+        return self.current.members.index(route) if route in self.current.members else None
+
+    def join(self, route: bytes, address: str, now: float) -> None:
+        self.candidates[route] = address
+        self._due(now)
+
+    def leave(self, route: bytes, now: float) -> None:
+        if self.candidates.pop(route, None) is not None:
+            self._due(now)
+
+    def failed(self, route: bytes, generation: str, now: float) -> None:
+        """A member says a generation failed. For the current one, it is kept in the next; a stale
+        report from a member of the current generation is old news; from anyone else, a wish to join."""
+        if route not in self.candidates:
+            return
+        if generation == self.current.id and route in self.current.members:
+            self.reported.add(route)
+            self._due(now)
+        elif route not in self.current.members:
+            self._due(now)
+
+    def _due(self, now: float) -> None:
+        if self.reform_at is None:
+            self.reform_at = now + self.settle
+
+    def reform(self, epoch: str, now: float) -> Generation | None:
+        """The next generation once a re-form is due (None until then): the survivors in their old
+        rank order (rank 0 stays rank 0 while it lives), then the newcomers."""
+        if self.reform_at is None or now < self.reform_at:
+            return None
+        kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
+        members = kept + [r for r in self.candidates if r not in self.current.members]
+        self.count += 1
+        self.current = Generation(f"{epoch}-{self.count}", members, self.candidates[members[0]] if members else "")
+        self.reported.clear()
+        self.reform_at = None
+        return self.current
