@@ -199,7 +199,8 @@ def status(
 @takes(ServerModel)
 def up(
     served: ServerModel,
-    workers: int = typer.Option(1, "--workers", min=1, help="Workers to start; the first trains, all denoise."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Workers to start; the first --trainers of them train, all denoise."),
+    trainers: int = typer.Option(1, "--trainers", min=1, help="How many of the workers train: two or more form one data-parallel trainer group (gloo) that trains the one model together."),
     state: Path = typer.Option(Path("collafuse-server"), "--state", help="Folder for logs, keys (STATE/keys) and the server checkpoint."),
     insecure: bool = INSECURE,
 ) -> None:
@@ -212,6 +213,8 @@ def up(
     from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
 
+    if trainers > workers:
+        fail(f"--trainers {trainers} exceeds --workers {workers}")
     keyring = Keyring(None if insecure else state / "keys")
     if insecure:
         key_folder(None, True)
@@ -219,8 +222,9 @@ def up(
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        frontend, backend = start_server_side(fleet, workers, served.worker_args(), state, keyring)
-        typer.echo(f"up: broker {frontend} (nodes) / {backend} (workers), {workers} worker(s); logs in {fleet.logs}")
+        frontend, backend = start_server_side(fleet, workers, served.worker_args(), state, keyring, trainers)
+        group = f", a trainer group of {trainers}" if trainers > 1 else ""
+        typer.echo(f"up: broker {frontend} (nodes) / {backend} (workers), {workers} worker(s){group}; logs in {fleet.logs}")
         if keyring.folder is None:
             typer.echo(f"     join with: collafuse-node join --broker {frontend} --name NAME --image-size {served.image_size} --insecure")
         else:

@@ -20,22 +20,29 @@ from collafuse.system.keyring import Keyring
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
 
 
-def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state: Path | None, keyring: Keyring) -> tuple[str, str]:
-    """A broker and `workers` workers (the first offers to train, with a trainer key); returns
-    (frontend, backend). With a `state` folder the server side keeps what it needs across restarts:
-    the broker's state (STATE/broker) and the trainer's checkpoint, so its acks are durable."""
+def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state: Path | None, keyring: Keyring, trainers: int = 1) -> tuple[str, str]:
+    """A broker and `workers` workers, of which the first `trainers` offer to train (with trainer
+    keys; two or more form one data-parallel group, each serving its rendezvous on a free port);
+    returns (frontend, backend). With a `state` folder the server side keeps what it needs across
+    restarts: the broker's state (STATE/broker) and each trainer's checkpoint, so its acks are durable."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     durable = ["--state", str(state / "broker")] if state is not None else []
     fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend, *keyring.broker_args(), *durable))
     admin = keyring.admin()
     for i in range(workers):
-        args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args, *keyring.args(f"worker{i}", "trainer" if i == 0 else "worker")]
-        if state is not None and i == 0:
-            args += ["--checkpoint", str(state / "server.safetensors"), "--energy-report", str(state / "server_energy.json")]
-        if i > 0:
+        trains = i < trainers
+        args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args, *keyring.args(f"worker{i}", "trainer" if trains else "worker")]
+        if state is not None and trains:
+            checkpoint = "server.safetensors" if i == 0 else f"server-worker{i}.safetensors"
+            args += ["--checkpoint", str(state / checkpoint)] + (["--energy-report", str(state / "server_energy.json")] if i == 0 else [])
+        if trainers > 1 and trains:
+            args += ["--group", f"127.0.0.1:{free_port()}"]
+        if not trains:
             args.append("--no-train")
         fleet.start(f"worker{i}", cli(*args))
     wait_for(lambda: len(_status(frontend, admin).get("workers", [])) >= workers, 120, what="the workers to register")
+    if trainers > 1:
+        wait_for(lambda: _status(frontend, admin).get("trainer_group", {}).get("world") == trainers, 120, what="the trainer group to form")
     return frontend, backend
 
 

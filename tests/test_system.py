@@ -344,11 +344,13 @@ def test_trainer_weights_reach_a_denoising_worker(fleet, tmp_path):
 
 
 def test_up_starts_and_stops_the_server_side(tmp_path):
+    """`up --workers 3 --trainers 2`: a broker, a trainer group of two and a denoise-only worker."""
     import subprocess
     import sys
 
     state = tmp_path / "srv"
-    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "up", "--workers", "2", "--device", "cpu", "--state", str(state)],
+    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "up", "--workers", "3", "--trainers", "2", "--device", "cpu",
+                             "--state", str(state)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -358,8 +360,10 @@ def test_up_starts_and_stops_the_server_side(tmp_path):
         front = first.split()[2]
         admin = Keyring(state / "keys").admin()  # `up` made the broker's and workers' keys, and an admin key
         st = fetch_status(front, keys=admin)
-        assert sorted(w["name"] for w in st["workers"]) == ["worker0", "worker1"]
-        assert [w["trainer"] for w in sorted(st["workers"], key=lambda w: w["name"])] == [True, False]
+        assert sorted(w["name"] for w in st["workers"]) == ["worker0", "worker1", "worker2"]
+        assert [w["rank"] for w in sorted(st["workers"], key=lambda w: w["name"])][2] is None
+        assert {w["rank"] for w in st["workers"] if w["name"] != "worker2"} == {0, 1} and st["trainer_group"]["world"] == 2
+        assert [w["name"] for w in st["workers"] if w["trainer"]] == [next(w["name"] for w in st["workers"] if w["rank"] == 0)]
         with pytest.raises(TimeoutError):
             fetch_status(front, timeout=1.0)  # plain TCP gets no answer from a broker with keys
     finally:

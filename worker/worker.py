@@ -125,6 +125,8 @@ class Worker(Stoppable):
         self.denoising.clear()
         self.batcher.pending.clear()
         self.epoch = ""
+        if self.group is not None:  # the broker forms a new generation with us once we are registered
+            self.group.collective = None
         self.sock = dealer(self.ctx, self.config.broker, self.limits.max_frame_bytes, self.keys)
         self.send(
             wire.encode(
