@@ -476,5 +476,87 @@ def acks(clients: int = 16, rows: int = 4, duration: float = 15.0, model: str = 
     typer.echo(json.dumps(out))
 
 
+@app.command()
+def group(ranks: str = "1,2,4", model: str = "tiny", clients: int = 32, rows: int = 8, max_train_rows: int = 64, duration: float = 20.0,
+          logs: Path = Path("/tmp/collafuse-bench-group")) -> None:
+    """Data-parallel training: train jobs from simulated clients through a trainer group of N ranks
+    (one process and one torch thread each, gloo; --max-train-rows per rank), the rows applied per
+    second and the scaling efficiency against one rank, one run each; then, in the largest group,
+    one rank SIGKILLed while a probe client trains: the time from the death to the probe's next
+    acknowledged step, and whether any probe job went unanswered."""
+    import os
+
+    from collafuse.common.config import LoadConfig
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
+    from collafuse.system.launch import Fleet
+    from collafuse.tools.loadtest import run_load
+
+    sizes = [int(n) for n in ranks.split(",")]
+    out: dict = {"what": "trainer_group", "model": model, "clients": clients, "rows_per_job": rows, "max_train_rows_per_rank": max_train_rows,
+                 "threads_per_rank": 1, "cpus": os.cpu_count()}
+    args = ["--device", "cpu", "--model", model, "--max-train-rows", str(max_train_rows)]
+    for n in sizes:
+        fleet, keyring = Fleet(logs / f"ranks{n}" / "logs", threads=1), Keyring(logs / f"ranks{n}" / "keys")
+        try:
+            front, _ = start_server_side(fleet, n, args, None, keyring, trainers=n)
+            load = LoadConfig(broker=front, clients=clients, duration=duration, mode="train", rows=rows,
+                              keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
+            result = run_load(load, say=lambda _: None)
+            out[f"ranks_{n}"] = {"rows_per_s": round(result["jobs_per_s"] * rows, 1), "train_steps": result["train_steps"],
+                                 "latency_ms": result["latency_ms"], "lost": result["lost"], "errors": result["errors"]}
+            if n == max(sizes) and n > 1:
+                out["rank_killed"] = _kill_a_rank(fleet, front, keyring, n)
+        finally:
+            fleet.stop_all()
+    base = out[f"ranks_{sizes[0]}"]["rows_per_s"] / sizes[0]
+    for n in sizes:
+        out[f"ranks_{n}"]["efficiency"] = round(out[f"ranks_{n}"]["rows_per_s"] / (n * base), 3)
+    typer.echo(json.dumps(out))
+
+
+def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after: float = 15.0) -> dict:
+    """A probe client trains (one 4-row job at a time) through the group; the last rank is SIGKILLed."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol import tensors, wire
+    from collafuse.protocol.link import BrokerLink
+    from collafuse.protocol.security import PeerKeys
+
+    rng = np.random.default_rng(0)
+    link = BrokerLink(front, {"client": "probe", "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
+                      HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer("probe", "node")))
+    acks: list[tuple[float, int]] = []
+    sent = 0
+
+    def work(seconds: float) -> None:
+        nonlocal sent
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            acks.extend((time.monotonic(), r.env["step"]) for r in link.poll(0.01) if r.env["type"] == "ack")
+            if not link.outstanding:
+                sent += 1
+                blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
+                                       "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
+                link.submit(f"probe-{sent}", "train", [wire.encode("train", job=f"probe-{sent}", client="probe", rows=4, t_c=60), blob])
+
+    link.connect()
+    work(before)
+    killed = time.monotonic()
+    os.kill(fleet.procs[f"worker{n - 1}"].pid, signal.SIGKILL)
+    fleet.procs.pop(f"worker{n - 1}").wait()
+    work(after)
+    end = time.monotonic() + 30
+    while link.outstanding and time.monotonic() < end:
+        acks.extend((time.monotonic(), r.env["step"]) for r in link.poll(0.05) if r.env["type"] == "ack")
+    last_step = max(step for t, step in acks if t < killed)
+    first = min(t for t, step in acks if t > killed and step > last_step)
+    return {"death_to_next_step_s": round(first - killed, 2), "probe_jobs": sent, "probe_acked": len(acks), "unanswered": len(link.outstanding)}
+
+
 if __name__ == "__main__":
     app()
