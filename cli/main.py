@@ -186,9 +186,10 @@ def status(
         typer.echo(json.dumps(st, indent=2))
         return
     typer.echo(f"broker {broker}: up {st['uptime_s']} s, {st['queued']} queued, {st['in_flight']} in flight, {st['forwarded']} forwarded")
-    typer.echo(f"workers ({len(st['workers'])}):")
+    group = st["trainer_group"]
+    typer.echo(f"workers ({len(st['workers'])}){'; trainer group ' + group['generation'] + ' of ' + str(group['world']) if group['world'] else ''}:")
     for w in st["workers"]:
-        role = " trainer" if w["trainer"] else ""
+        role = f" rank {w['rank']}" if w["rank"] is not None else " trainer" if w["trainer"] else ""
         typer.echo(f"  {w['name']:<12}{role:<8} credit denoise {w['credit']['denoise']:>4} train {w['credit']['train']:>4}  in flight {w['in_flight']:>3}  done {w['completed']:>6}  seen {w['last_seen_s']} s ago")
     typer.echo(f"clients ({st['clients_total']}{', first ' + str(len(st['clients'])) + ' shown' if st['clients_total'] > len(st['clients']) else ''}):")
     for name, c in st["clients"].items():

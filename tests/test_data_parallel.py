@@ -89,3 +89,27 @@ def test_collective_bytes_travel_between_ranks():
 
     for gathered, state, anyone in _ranks(3, work):
         assert gathered == [b"", b"\x01" * 3, b"\x02" * 6] and state == b"state of rank 2" and anyone
+
+
+def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
+    from collafuse.broker.group import TrainerGroup
+
+    g = TrainerGroup(settle=0.5)
+    g.join(b"a", "h:1", now=0.0)
+    g.join(b"b", "h:2", now=0.2)
+    assert g.reform("E", now=0.4) is None  # settling: two joins make one generation
+    first = g.reform("E", now=0.6)
+    assert first is not None and first.members == [b"a", b"b"] and first.message(b"b") == {"id": "E-1", "rank": 1, "world": 2, "store": "h:1"}
+    g.join(b"c", "h:3", now=1.0)
+    assert g.reform("E", now=1.6).members == [b"a", b"b", b"c"]
+    g.failed(b"a", "E-2", now=2.0)  # c stalls; only the ranks that report the failure are kept
+    g.failed(b"b", "E-2", now=2.1)
+    g.failed(b"b", "E-1", now=2.2)  # stale news from a member: ignored
+    assert g.reform("E", now=2.6).members == [b"a", b"b"]
+    g.failed(b"c", "E-2", now=3.0)  # c was only slow: it reports late and joins again as a newcomer
+    assert g.reform("E", now=3.6).members == [b"a", b"b", b"c"]
+    g.leave(b"a", now=4.0)
+    third = g.reform("E", now=4.6)
+    assert third.members == [b"b", b"c"] and third.store == "h:2"  # rank 0 left: the next oldest serves the rendezvous
+    g.failed(b"x", "E-5", now=5.0)  # not a member at all: nothing happens
+    assert g.reform("E", now=9.0) is None

@@ -226,3 +226,20 @@ def test_drain_handles_every_message_survives_a_bad_one_and_stops_when_the_handl
             sock.close(0)
         ctx.term()
 
+
+
+def test_trainer_group_messages_are_checked():
+    """The trainer group's messages: a generation with a rank beyond its bounds or a store address
+    that is not a string is refused with a code; `ready` may name a rendezvous, within bounds."""
+    good = wire.decode(wire.encode("group", id="e-1", rank=1, world=2, store="127.0.0.1:29500"), LIM)
+    assert (good["rank"], good["world"]) == (1, 2)
+    assert wire.decode(wire.encode("group_failed", id=""), LIM)["id"] == ""
+    for bad in (dict(id="e-1", rank=-1, world=2, store="h:1"), dict(id="e-1", rank=0, world=0, store="h:1"),
+                dict(id="e-1", rank=0, world=2, store=["h", 1]), dict(id="x" * 65, rank=0, world=2, store="h:1")):
+        with pytest.raises(ProtocolError) as exc:
+            wire.decode(wire.encode("group", **bad), LIM)
+        assert exc.value.code == ErrorCode.BAD_FIELD
+    ready = dict(worker="w", denoise_credit=8, train_credit=8, trainer=True, image_shape=[1, 32, 32], levels=100, model="tiny")
+    assert wire.decode(wire.encode("ready", **ready, group="127.0.0.1:29500"), LIM)["group"] == "127.0.0.1:29500"
+    with pytest.raises(ProtocolError):
+        wire.decode(wire.encode("ready", **ready, group="h" * 300), LIM)

@@ -648,11 +648,12 @@ def _group_status(front: str) -> dict:
 def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_path):
     """Two trainers started with --group form one data-parallel group (ranks 0 and 1) and share the
     train jobs; a third joins and the group re-forms with three; one rank SIGKILLed while jobs
-    stream: every job gets exactly one ack, the survivors hold every acknowledged job (the
+    stream, then another SIGSTOPped (and later continued: it re-joins): every job gets exactly one ack, the survivors hold every acknowledged job (the
     checkpoint's memory of applied jobs) and no job's rows are applied twice (rows applied =
     jobs × rows per job)."""
-    front, back = start_broker(fleet)
-    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "3")
+    slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "10")  # a 5 s deadline: above the group's timeout
+    front, back = start_broker(fleet, *slow_hb)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "2", *slow_hb)
     ckpt = tmp_path / "rank0.safetensors"
     start_worker(fleet, back, front, "t0", *flags, "--group", f"127.0.0.1:{free_port()}", "--checkpoint", str(ckpt))
     start_worker(fleet, back, front, "t1", *flags, "--group", f"127.0.0.1:{free_port()}")
@@ -680,6 +681,19 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     more = client.collect(second, timeout=180)
     assert all(len(v) == 1 and v[0]["type"] == "ack" for v in more.values()), more
     recovered = time.monotonic() - killed
+    survivor = next(n for n in ("t1", "t2") if n != victim)
+    os.kill(fleet.procs[survivor].pid, signal.SIGSTOP)  # a stalled rank: the others time out, the broker drops it
+    third = {f"c{i:02d}" for i in range(8)}
+    for i, job in enumerate(sorted(third)):
+        client.train(job, seed=200 + i)
+    stalled = client.collect(third, timeout=120)
+    os.kill(fleet.procs[survivor].pid, signal.SIGCONT)  # it comes back, registers again and re-joins
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in stalled.values()), stalled
+    wait_for(lambda: _group_status(front)[""].get("world") == 2, 60, what="the stalled rank to re-join")
+    fourth = {f"d{i:02d}" for i in range(8)}
+    for i, job in enumerate(sorted(fourth)):
+        client.train(job, seed=300 + i)
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in client.collect(fourth, timeout=120).values())
     assert fleet.stop("t0") == 0  # SIGTERM: it checkpoints
 
     from collafuse.engine.checkpoint import load_extra
@@ -687,7 +701,7 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     with safe_open(str(ckpt), framework="pt") as f:
         meta = json.loads(f.metadata()["collafuse"])["metadata"]
     applied = {job for client_name, job, _ in msgpack.unpackb(load_extra(ckpt)["applied"].numpy().tobytes(), raw=False)}
-    acknowledged = first | second
+    acknowledged = first | second | third | fourth
     assert acknowledged <= applied  # every acknowledged job is in the surviving model
     assert meta["rows"] == 4 * len(acknowledged)  # and none twice
     print(json.dumps({"trainer_group": {"acknowledged": len(acknowledged), "contained": len(acknowledged & applied),

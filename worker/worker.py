@@ -84,6 +84,10 @@ class Worker(Stoppable):
             if not config.trainer:
                 raise ValueError("a worker in the trainer group must train (--group with --no-train)")
             split_address(config.group)
+            deadline = config.heartbeat.interval * config.heartbeat.liveness
+            if config.group_timeout >= deadline:  # a rank waiting in a collective sends no heartbeats
+                raise ValueError(f"--group-timeout {config.group_timeout:g} s must be below the heartbeat deadline "
+                                 f"(interval × liveness = {deadline:g} s), or a rank waiting for a slow peer is declared dead")
         self.group = GroupMember(config, self.party, self.batcher) if config.group else None
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
