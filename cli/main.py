@@ -295,7 +295,7 @@ def loadtest(
     admin_keys: Optional[Path] = typer.Option(None, "--admin-keys", help="With --broker: an admin key folder, to read the workers' counters (batch fill)."),
     insecure: bool = INSECURE,
 ) -> None:
-    """Load a broker with simulated clients; report jobs/s, image-steps/s, latency, batch fill, errors, lost jobs."""
+    """Load a broker with simulated clients; report jobs/s, image-steps/s, latency, batch fill, errors, lost jobs and jobs answered twice (exit 1 if any job is lost or answered twice)."""
     import json
     import tempfile
 
@@ -338,9 +338,11 @@ def loadtest(
     typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  "
                f"mean batch fill {'n/a (no denoising)' if fill is None else fill}")
     typer.echo(f"errors {result['errors'] or 'none'};  lost jobs {result['lost']}")
+    if result["answered_twice"]:
+        typer.echo(f"jobs answered twice: {result['answered_twice']}")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
-    if result["lost"]:
+    if result["lost"] or result["answered_twice"]:
         raise typer.Exit(1)
 
 

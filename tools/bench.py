@@ -515,6 +515,43 @@ def group(ranks: str = "1,2,4", model: str = "tiny", clients: int = 32, rows: in
     typer.echo(json.dumps(out))
 
 
+@app.command()
+def allreduce(model: str = "paper", size: int = 128, ranks: int = 2, repeats: int = 20) -> None:
+    """What one data-parallel step's gradient exchange costs: the summed gradient of `model` (one
+    flat float32 buffer, as `Collective.sum_` sends it) over `ranks` gloo ranks on loopback, here
+    threads of one process; the median of `repeats` calls."""
+    import statistics
+    import threading
+
+    import torch
+
+    from collafuse.diffusion.models import build_unet
+    from collafuse.engine.collective import Collective, StoreHost
+    from collafuse.system.launch import free_port
+
+    params = sum(p.numel() for p in build_unet(model, size, conditioned_on_cut=True, channels=1).parameters())
+    address = f"127.0.0.1:{free_port()}"
+    host, times = StoreHost(address), [[] for _ in range(ranks)]
+
+    def rank(r: int) -> None:
+        group = Collective("bench", r, ranks, address, 60.0, host if r == 0 else None)
+        grads = [torch.ones(params)]
+        group.sum_(grads)  # warm the connections
+        for _ in range(repeats):
+            start = time.perf_counter()
+            group.sum_(grads)
+            times[r].append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ms = statistics.median(times[0]) * 1000
+    typer.echo(json.dumps({"what": "gradient_allreduce", "model": model, "parameters": params, "megabytes": round(params * 4 / 1e6, 1),
+                           "ranks": ranks, "median_ms": round(ms, 1), "gb_per_s_per_rank": round(2 * (ranks - 1) / ranks * params * 4 / ms / 1e6, 2)}))
+
+
 def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after: float = 15.0) -> dict:
     """A probe client trains (one 4-row job at a time) through the group; the last rank is SIGKILLed."""
     import os

@@ -58,6 +58,7 @@ class Tally:
     completed_in_window: int = 0
     image_steps: int = 0  # in the window
     rejoins: int = 0  # sockets that said hello again after a broker restart
+    answered_twice: int = 0  # final replies for a job of this run that already had its answer (must stay 0)
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -130,9 +131,11 @@ class LoadRun:
             self.rejoin(sock)
             return
         c = self.clients.get(env.get("client", "")) or next((x for x in self.clients.values() if x.job == env.get("job")), None)
-        if c is None or env.get("job") != c.job:
-            return
         t = self.tally
+        if c is None or env.get("job") != c.job:
+            if f"-{self.run_id}-" in env.get("job", "") and not (env["type"] == "error" and env["code"] == "busy"):
+                t.answered_twice += 1  # one of ours, answered before: the broker promises exactly one final reply
+            return
         if env["type"] == "error":
             t.errors[env["code"]] = t.errors.get(env["code"], 0) + 1
             if env["code"] == "busy":
@@ -203,6 +206,7 @@ class LoadRun:
             "completed": t.completed,
             "completed_in_window": t.completed_in_window,
             "lost": self.outstanding(),
+            "answered_twice": t.answered_twice,
             "rejoins": t.rejoins,
             "errors": t.errors,
             "jobs_per_s": round(t.completed_in_window / cfg.duration, 2),
