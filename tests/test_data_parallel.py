@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from collafuse.engine.collective import Collective, StoreHost
@@ -34,7 +35,8 @@ def _ranks(world: int, work, timeout: float = 30.0) -> list:
     return results
 
 
-def test_ranks_step_as_one_trainer_with_the_union_of_their_rows():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_ranks_step_as_one_trainer_with_the_union_of_their_rows(device):
     """Three steps: rank 0 and rank 1 hold different clients' messages (in step 2 rank 1 holds none,
     in step 3 one of rank 0's is hostile and refused); the ranks' weights equal, within float
     tolerance, those of one trainer given the union in rank order, and equal each other exactly.
@@ -46,10 +48,10 @@ def test_ranks_step_as_one_trainer_with_the_union_of_their_rows():
         ([_message(8, seed=4), _message(8, seed=5)], ["a", "b"], [], []),
         ([_message(4, seed=6, eps_scale=50.0), _message(5, seed=7)], ["m", "a"], [_message(20, seed=8)], ["flood"]),
     ]
-    single = ServerParty((1, 32, 32), seed=7)
+    single = ServerParty((1, 32, 32), seed=7, device=device)
     expected = [single.train_step(m0 + m1, o0 + o1) for m0, o0, m1, o1 in steps]
 
-    parties = [ServerParty((1, 32, 32), seed=7) for _ in range(2)]  # built here: seeding is not thread-safe
+    parties = [ServerParty((1, 32, 32), seed=7, device=device) for _ in range(2)]  # built here: seeding is not thread-safe
 
     def work(group: Collective):
         party = parties[group.rank]

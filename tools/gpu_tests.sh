@@ -4,7 +4,7 @@
 # (CUDA graphs on). Writes $OUT/gpu_tests.log, $OUT/mixed.json and the broker's and worker's logs.
 LOG=gpu_tests.log
 source "$(dirname "$0")/gpu_env.sh"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py "tests/test_data_parallel.py::test_ranks_step_as_one_trainer_with_the_union_of_their_rows"
 C="python3 -m collafuse.cli -v"
 $C broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556 > "$OUT/broker.log" 2>&1 &
 BROKER=$!
