@@ -649,16 +649,18 @@ def _group_status(front: str) -> dict:
 def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_path):
     """Two trainers started with --group form one data-parallel group (ranks 0 and 1) and share the
     train jobs; a third joins and the group re-forms with three; one rank SIGKILLed while jobs
-    stream, then another SIGSTOPped (and later continued: it re-joins): every job gets exactly one ack, the survivors hold every acknowledged job (the
+    stream, then another SIGSTOPped (and later continued: it re-joins): every job gets exactly one ack,
+    a denoise-only worker gets rank 0's relayed weights, the survivors hold every acknowledged job (the
     checkpoint's memory of applied jobs) and no job's rows are applied twice (rows applied =
     jobs × rows per job)."""
     slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "10")  # a 5 s deadline: above the group's timeout
     front, back = start_broker(fleet, *slow_hb)
-    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "2", *slow_hb)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "2", "--sync-every", "4", *slow_hb)
     ckpt = tmp_path / "rank0.safetensors"
     start_worker(fleet, back, front, "t0", *flags, "--group", f"127.0.0.1:{free_port()}", "--checkpoint", str(ckpt))
     start_worker(fleet, back, front, "t1", *flags, "--group", f"127.0.0.1:{free_port()}")
     wait_for(lambda: _group_status(front)[""].get("world") == 2, 60, what="a group of two")
+    start_worker(fleet, back, front, "d", "--no-train", "--checkpoint", str(tmp_path / "d.safetensors"), "--seed", "9", *slow_hb)
     ranks = _group_status(front)
     assert {ranks["t0"]["rank"], ranks["t1"]["rank"]} == {0, 1}
     client = RawClient(front, "c")
@@ -696,6 +698,10 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
         client.train(job, seed=300 + i)
     assert all(len(v) == 1 and v[0]["type"] == "ack" for v in client.collect(fourth, timeout=120).values())
     assert fleet.stop("t0") == 0  # SIGTERM: it checkpoints
+    assert fleet.stop("d") == 0
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as f:
+        relayed = json.loads(f.metadata()["collafuse"])["metadata"]["step"]
+    assert relayed >= 4 and relayed % 4 == 0  # the denoise-only worker runs on rank 0's relayed weights
 
     from collafuse.engine.checkpoint import load_extra
 
