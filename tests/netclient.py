@@ -58,6 +58,12 @@ class RawClient:
                                "eps": rng.standard_normal((rows, *self.shape), dtype=np.float32)})
         self.send(wire.encode("train", job=job, client=self.name, rows=rows, t_c=t_c), blob)
 
+    def train_all(self, jobs: set[str], first_seed: int = 0, timeout: float = 120) -> dict[str, list[dict]]:
+        """Send these train jobs (in sorted order, seeds counting up from `first_seed`) and collect their replies."""
+        for i, job in enumerate(sorted(jobs)):
+            self.train(job, seed=first_seed + i)
+        return self.collect(jobs, timeout)
+
     def collect(self, jobs: set[str], timeout: float) -> dict[str, list[dict]]:
         """Every reply per job id until all have one (and a short grace for duplicates)."""
         got: dict[str, list[dict]] = {}

@@ -290,9 +290,7 @@ def test_trainer_killed_its_train_jobs_go_to_the_next_trainer_from_relayed_weigh
     client = RawClient(front, "c")
     client.hello()
     before = {f"a{i}" for i in range(4)}
-    for i, j in enumerate(sorted(before)):
-        client.train(j, seed=i)
-    got = client.collect(before, timeout=60)
+    got = client.train_all(before, timeout=60)
     assert set(got) == before and sorted(v[0]["step"] for v in got.values()) == [1, 2, 3, 4]
     time.sleep(1.0)  # the relay of version 4
     os.kill(fleet.procs["first"].pid, signal.SIGSTOP)
@@ -464,9 +462,7 @@ def test_acknowledged_updates_survive_the_trainers_death(fleet, tmp_path):
     client = RawClient(front, "c")
     client.hello()
     jobs = {f"a{i}" for i in range(12)}
-    for i, job in enumerate(sorted(jobs)):
-        client.train(job, seed=i)
-    got = client.collect(jobs, timeout=120)
+    got = client.train_all(jobs)
     assert sorted(v[0]["step"] for v in got.values()) == list(range(1, 13))  # one job per step, every one acknowledged
     for name in ("t", "broker"):
         os.kill(fleet.procs[name].pid, signal.SIGKILL)
@@ -523,9 +519,7 @@ def test_a_restarted_broker_with_state_gives_late_workers_the_weights_and_keeps_
     client = RawClient(front, "c")
     client.hello()
     jobs = {f"a{i}" for i in range(4)}
-    for i, job in enumerate(sorted(jobs)):
-        client.train(job, seed=i)
-    assert sorted(v[0]["step"] for v in client.collect(jobs, timeout=120).values()) == [1, 2, 3, 4]
+    assert sorted(v[0]["step"] for v in client.train_all(jobs).values()) == [1, 2, 3, 4]
     assert fleet.stop("trainer") == 0  # it published version 4 at step 4; nobody will publish again
     weights = tmp_path / "broker-state" / "weights.msgpack"
     wait_for(lambda: weights.is_file() and msgpack.unpackb(msgpack.unpackb(weights.read_bytes())["parts"][0][0])["version"] == 4,
@@ -666,9 +660,7 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     client = RawClient(front, "c")
     client.hello()
     first = {f"a{i:02d}" for i in range(16)}
-    for i, job in enumerate(sorted(first)):
-        client.train(job, seed=i)
-    got = client.collect(first, timeout=120)
+    got = client.train_all(first)
     assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
     wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ("t0", "t1")), 20, what="both ranks to apply rows")
     start_worker(fleet, back, front, "t2", *flags, "--group", f"127.0.0.1:{free_port()}")
@@ -687,16 +679,12 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     survivor = next(n for n in ("t1", "t2") if n != victim)
     os.kill(fleet.procs[survivor].pid, signal.SIGSTOP)  # a stalled rank: the others time out, the broker drops it
     third = {f"c{i:02d}" for i in range(8)}
-    for i, job in enumerate(sorted(third)):
-        client.train(job, seed=200 + i)
-    stalled = client.collect(third, timeout=120)
+    stalled = client.train_all(third, first_seed=200)
     os.kill(fleet.procs[survivor].pid, signal.SIGCONT)  # it comes back, registers again and re-joins
     assert all(len(v) == 1 and v[0]["type"] == "ack" for v in stalled.values()), stalled
     wait_for(lambda: _group_status(front)[""].get("world") == 2, 60, what="the stalled rank to re-join")
     fourth = {f"d{i:02d}" for i in range(8)}
-    for i, job in enumerate(sorted(fourth)):
-        client.train(job, seed=300 + i)
-    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in client.collect(fourth, timeout=120).values())
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in client.train_all(fourth, first_seed=300).values())
     assert fleet.stop("t0") == 0  # SIGTERM: it checkpoints
     assert fleet.stop("d") == 0
     with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as f:
