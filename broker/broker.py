@@ -132,6 +132,7 @@ class Broker(Stoppable):
         self.names_per_key: dict[str, int] = {}
         self.clients: dict[str, ClientState] = {}
         self.routes: OrderedDict[bytes, str] = OrderedDict()  # node connection → the client it said hello as (LRU, capped)
+        self.key_routes: dict[str, OrderedDict[bytes, None]] = {}  # node key → its connections in `routes` (LRU, capped per key)
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[tuple[str, str], Job] = {}  # every accepted, unanswered job, queued or held by a worker
         self.turns: deque[tuple[str, str]] = deque()  # (client, kind) with queued jobs, round robin
@@ -290,6 +291,8 @@ class Broker(Stoppable):
         self.routes.move_to_end(route)
         while len(self.routes) > 4 * self.config.max_clients:
             self.routes.popitem(last=False)  # an evicted live node gets not_joined and says hello again
+        if self.keys is not None:
+            self.limit_connections(key, route)
         self.reply_node(
             route,
             [
@@ -304,6 +307,17 @@ class Broker(Stoppable):
                 )
             ],
         )
+
+    def limit_connections(self, key: str, route: bytes) -> None:
+        """One key keeps at most `max_connections_per_key` connections known: beyond, its oldest is
+        forgotten (it is answered `not_joined` and may say hello again), so one key that opens
+        connection after connection evicts only its own, never other keys' nodes."""
+        mine = self.key_routes.setdefault(key, OrderedDict())
+        mine[route] = None
+        mine.move_to_end(route)
+        while len(mine) > self.config.max_connections_per_key:
+            old, _ = mine.popitem(last=False)
+            self.routes.pop(old, None)
 
     def bind_name(self, name: str, key: str) -> bool:
         """A client name is the key's that first said hello with it; whether `key` may use it."""
@@ -624,6 +638,11 @@ class Broker(Stoppable):
         for route, name in list(self.routes.items()):
             if name not in self.clients:
                 del self.routes[route]
+        for key, mine in list(self.key_routes.items()):  # connections forgotten above, or by the routes' own cap
+            for route in [r for r in mine if r not in self.routes]:
+                del mine[route]
+            if not mine:
+                del self.key_routes[key]
 
     def heartbeat(self) -> None:
         now = time.monotonic()

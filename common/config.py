@@ -176,6 +176,7 @@ class BrokerConfig:
     reply_cache_per_client: int = 32  # recent final replies kept so a retried job id is answered, not redone
     # Memory stays bounded whatever names and jobs peers invent (DESIGN.md §7):
     max_clients: int = 4096  # names known at once; a hello beyond answers "busy"
+    max_connections_per_key: int = 256  # connections one node key keeps known at once; its oldest is forgotten beyond (with keys only)
     client_idle_expiry: float = 300.0  # seconds without a message, job or reply after which a client is forgotten
     max_queued_bytes: int = 1 << 30  # all clients' queued jobs together; beyond, "busy"
     reply_cache_bytes: int = 256 << 20  # all clients' cached replies together; the oldest go first

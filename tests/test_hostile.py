@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from collafuse.protocol import tensors, wire
+from collafuse.protocol.security import PeerKeys
 from collafuse.system.launch import Fleet
-from tests.netclient import RawClient, RawWorker
+from tests.netclient import KEYRINGS, RawClient, RawWorker
 from tests.test_system import _status, start_broker, start_worker
 
 SHAPE = (1, 32, 32)
@@ -197,3 +198,29 @@ def test_invented_names_are_capped_and_forgotten(fleet):
     assert _status(front)["clients_total"] == 0  # idle names expire
     late = RawClient(front, "late")
     late.hello()  # room again
+
+
+def test_one_key_cannot_hold_more_than_its_connections(fleet):
+    """A node key that opens connection after connection (here 5, each with its own name, the cap
+    3) keeps only its newest 3 known; its oldest are answered `not_joined` (they may say hello
+    again), and another key's node is untouched."""
+    front, back = start_broker(fleet, "--max-connections-per-key", "3")
+    worker = RawWorker(back, "w")
+    worker.ready()
+    time.sleep(0.3)
+    ring = KEYRINGS[front]
+    one_key = PeerKeys.load(ring.peer("many", "node"))
+    other = RawClient(front, "other")
+    other.hello()
+    conns = [RawClient(front, f"many{i}", keys=one_key) for i in range(5)]
+    for c in conns:
+        c.hello()
+    answers = []
+    for c in [*conns, other]:
+        c.send(wire.encode("heartbeat"))
+        env, _ = c.recv()
+        answers.append(env.get("code", env["type"]))
+    assert answers == ["not_joined", "not_joined", "heartbeat", "heartbeat", "heartbeat", "heartbeat"]
+    conns[0].hello()  # says hello again: now the next oldest of that key is forgotten
+    conns[2].send(wire.encode("heartbeat"))
+    assert conns[2].recv()[0]["code"] == "not_joined"
