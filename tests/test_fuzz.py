@@ -131,8 +131,11 @@ def fuzz(fleet: Fleet, cases: int, seed: int = 0, real_worker: bool = False) -> 
     rng = random.Random(seed)
     outcomes: Counter = Counter()
     missing = extra = polite_served = 0
+    trace = []  # (cases done, RSS in kB per process) ten times over the run: flat, or growing?
     try:
         for i in range(cases):
+            if i % max(1, cases // 10) == 0:
+                trace.append((i, {p: _rss_kb(fleet.procs[p].pid) for p in processes}))
             category, frames = case(rng, i, shape)
             fuzzer.send(*frames)
             try:
@@ -158,7 +161,7 @@ def fuzz(fleet: Fleet, cases: int, seed: int = 0, real_worker: bool = False) -> 
             echo.join(5)
     return {"cases": cases, "missing": missing, "extra": extra, "polite_served": polite_served, "polite_sent": (cases + 99) // 100,
             "alive": {p: fleet.alive(p) for p in processes}, "rss_kb_before": rss_before,
-            "rss_kb_after": {p: _rss_kb(fleet.procs[p].pid) for p in processes}, "outcomes": outcomes}
+            "rss_kb_after": {p: _rss_kb(fleet.procs[p].pid) for p in processes}, "rss_kb_trace": trace, "outcomes": outcomes}
 
 
 def test_every_fuzzed_request_gets_exactly_one_reply(tmp_path):
