@@ -7,7 +7,8 @@ copy). State is explicit and lives in this module:
 - per client: a bounded queue per job kind (train, denoise); a full queue answers `busy` at once;
 - per worker: credit in rows per kind, the jobs it holds, when it was last heard from;
 - dispatch: round robin over (client, kind) queues, one job per turn, only to a worker whose credit
-  covers the job's rows; train jobs go to the one active trainer;
+  covers the job's rows; train jobs go to the one active trainer, or spread over the members of
+  the data-parallel trainer group (broker/group.py keeps its membership);
 - exactly one final reply per accepted job: the worker's, or the broker's own error when no live
   worker can ever take the job, none could for `no_worker_wait`, a worker held it past
   `job_timeout`, or the worker's reply was invalid;
@@ -102,7 +103,8 @@ class WorkerState:
 
     def wants(self, relayed: str) -> bool:
         """Every worker needs the trainer's weights; only one that may take over training its moments.
-        A member of the trainer group needs neither: the group keeps its ranks identical."""
+        A member of the trainer group needs them only when it registers (`on_ready`): the group
+        keeps its ranks identical."""
         return not self.group and (relayed == "weights" or self.trainer)
 
 
@@ -435,7 +437,7 @@ class Broker(Stoppable):
                 self.on_invalid_reply(worker, wire.loose_decode(frames[0].buffer, self.limits), exc)
             return
         kind = env["type"]
-        training = (kind == "ready" and env["trainer"]) or (route == self.trainer and kind != "ready")
+        training = (kind == "ready" and env["trainer"]) or (kind != "ready" and (route == self.trainer or route in self.group.current.members))
         why = self.forbidden(frames[0], "trainer" if training else "worker")
         if why:
             if worker is not None:
@@ -474,19 +476,24 @@ class Broker(Stoppable):
         elif shape != self.model_shape or env["levels"] != self.levels:
             self.backend.send_multipart([route, wire.error("", ErrorCode.INCOMPATIBLE, f"this broker serves images {list(self.model_shape)} with T={self.levels}")])
             return
+        group = env.get("group", "") if env["trainer"] else ""
+        problem = self.group.refuses(route, env["model"]) if group else None
+        if problem:
+            self.backend.send_multipart([route, wire.error("", ErrorCode.INCOMPATIBLE, problem)])
+            return
         old = self.workers.pop(route, None)
         if old is not None:
             self.requeue(old)
+            self.group.leave(route, time.monotonic())
         credit = {"denoise": env["denoise_credit"], "train": env["train_credit"] if env["trainer"] else 0}
-        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), env["trainer"], time.monotonic(),
-                             group=env.get("group", "") if env["trainer"] else "")
+        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), env["trainer"], time.monotonic(), group=group)
         self.workers[route] = worker
         if worker.group:
-            self.group.join(route, worker.group, time.monotonic())
+            self.group.join(route, worker.group, env["model"], time.monotonic())
         if worker.trainer and self.trainer is None:
             self.trainer = route
-        else:
-            for kind in filter(worker.wants, wire.RELAYED):  # the latest version's parts, in order, weights first
+        else:  # the latest version's parts, in order, weights first; a group member takes them only now
+            for kind in (k for k in wire.RELAYED if worker.wants(k) or worker.group):
                 for part in self.relayed[kind]:
                     self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")

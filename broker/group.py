@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from collafuse.protocol.wire import MAX_RANKS
+
 
 @dataclass
 class Generation:
@@ -34,16 +36,31 @@ class TrainerGroup:
     count: int = 0  # generations formed in this broker run
     reported: set[bytes] = field(default_factory=set)  # members that reported the current generation failed
     reform_at: float | None = None
+    model: str = ""  # the model preset every member trains
 
     def rank(self, route: bytes) -> int | None:
         return self.current.members.index(route) if route in self.current.members else None
 
-    def join(self, route: bytes, address: str, now: float) -> None:
+    def refuses(self, route: bytes, model: str) -> str | None:
+        """Why this trainer may not join (None: it may): all members train one model, and a
+        generation has at most MAX_RANKS ranks."""
+        others = [r for r in self.candidates if r != route]
+        if others and model != self.model:
+            return f"the trainer group trains a {self.model} model, this worker a {model} one"
+        if len(others) >= MAX_RANKS:
+            return f"the trainer group has {MAX_RANKS} members already"
+        return None
+
+    def join(self, route: bytes, address: str, model: str, now: float) -> None:
         self.candidates[route] = address
+        self.model = model
         self._due(now)
 
     def leave(self, route: bytes, now: float) -> None:
-        if self.candidates.pop(route, None) is not None:
+        """A member is gone; only one of the current generation makes a re-form due (its peers'
+        collectives fail and they report; a newcomer that leaves before joining changes nothing)."""
+        self.candidates.pop(route, None)
+        if route in self.current.members:
             self._due(now)
 
     def failed(self, route: bytes, generation: str, now: float) -> None:

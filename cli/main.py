@@ -80,6 +80,7 @@ def broker(
     backend: str = typer.Option(BrokerConfig.backend, "--backend", help="Address workers connect to (bind)."),
     max_queue: int = typer.Option(BrokerConfig.max_queue_per_client, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
     max_clients: int = typer.Option(BrokerConfig.max_clients, "--max-clients", min=1, help="Client names known at once; a hello beyond is answered 'busy'."),
+    group_settle: float = typer.Option(BrokerConfig.group_settle, "--group-settle", min=0.0, help="Seconds after a trainer joins, leaves or reports a failed collective before the trainer group re-forms (several events make one new generation)."),
     max_connections_per_key: int = typer.Option(BrokerConfig.max_connections_per_key, "--max-connections-per-key", min=1, help="Connections one node key keeps known at once (with keys); beyond, its oldest is forgotten and answered 'not_joined'."),
     client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
     no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
@@ -101,6 +102,7 @@ def broker(
         max_queue_per_client=max_queue,
         max_clients=max_clients,
         max_connections_per_key=max_connections_per_key,
+        group_settle=group_settle,
         client_idle_expiry=client_idle_expiry,
         no_worker_wait=no_worker_wait,
         job_timeout=job_timeout,
@@ -146,7 +148,7 @@ def worker(
         help="Join the data-parallel trainer group: every trainer started with --group trains the one model together (gloo), "
              "the broker spreads train jobs over them and re-forms the group when one joins or dies. HOST:PORT is where this "
              "worker serves the group's rendezvous when it is rank 0 (reachable by the other trainers; one free port per worker)."),
-    group_timeout: float = typer.Option(WorkerConfig.group_timeout, "--group-timeout", min=0.1, help="Seconds a trainer group's collective waits for a slow or dead rank before the group re-forms without it (keep below the heartbeat interval × liveness)."),
+    group_timeout: float = typer.Option(WorkerConfig.group_timeout, "--group-timeout", min=0.1, help="Seconds a trainer group's collective waits for a slow or dead rank before the group re-forms without it: above any rank's longest pause between steps (a denoising iteration, a checkpoint), below the heartbeat interval × liveness."),
     max_frame_bytes: int = MAX_FRAME,
 ) -> None:
     """Serve the shared server model: batched training and continuous-batching denoising."""

@@ -9,12 +9,28 @@ alike; every call blocks until all ranks make it, or fails after `timeout` (a de
 from __future__ import annotations
 
 import datetime
+import functools
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
-# Collective failures surface as these (gloo: RuntimeError "Connection closed by peer", timeouts).
-CollectiveError = (RuntimeError, TimeoutError, ConnectionError)
+
+class CollectiveFailed(Exception):
+    """The group broke: a peer died or closed, or a call waited past the timeout. Local errors
+    (a bug, out of memory) are not this: they must not pass for a broken group."""
+
+
+def collective(method):
+    """Turn what gloo and the store raise when the group breaks into CollectiveFailed."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (RuntimeError, TimeoutError, ConnectionError) as exc:  # gloo: RuntimeError "Connection closed by peer", timeouts
+            raise CollectiveFailed(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+
+    return wrapper
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -26,35 +42,39 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class StoreHost:
-    """The rendezvous store this process serves while it is some generation's rank 0 (bound once)."""
+    """The rendezvous store this process serves whenever it is a generation's rank 0, bound when
+    the process starts (a port already taken is an error then, not a group that never forms), and
+    the address its gloo connections use."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, timeout: float) -> None:
         self.address = address
-        self.store: TCPStore | None = None
-
-    def serve(self, timeout: float) -> TCPStore:
-        if self.store is None:
-            host, port = split_address(self.address)
+        host, port = split_address(address)
+        self.host = host
+        try:
             self.store = TCPStore(host, port, None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False)
-        return self.store
+        except RuntimeError as exc:  # taken, or not an address of this machine
+            raise ValueError(f"cannot serve the trainer group's rendezvous on {address}: {(str(exc).splitlines() or [''])[0]}") from None
 
 
 class Collective:
-    """One generation of the group: this process's rank among `world` ranks."""
+    """One generation of the group: this process's rank among `world` ranks. Rank 0 is the process
+    whose `host` serves `store_address`; every rank's gloo connections use its own host's address."""
 
-    def __init__(self, generation: str, rank: int, world: int, store_address: str, timeout: float, host: StoreHost | None = None) -> None:
+    @collective
+    def __init__(self, generation: str, rank: int, world: int, store_address: str, timeout: float, host: StoreHost) -> None:
         self.generation, self.rank, self.world = generation, rank, world
         delta = datetime.timedelta(seconds=timeout)
-        if host is not None and rank == 0:
-            store = host.serve(timeout)
+        if rank == 0:
+            store = host.store
         else:
             address, port = split_address(store_address)
             store = TCPStore(address, port, None, False, delta)
         options = ProcessGroupGloo._Options()
         options._timeout = delta
-        options._devices = [ProcessGroupGloo.create_device(hostname=split_address(store_address)[0])]
+        options._devices = [ProcessGroupGloo.create_device(hostname=host.host)]
         self.group = ProcessGroupGloo(PrefixStore(f"collafuse/{generation}", store), rank, world, options)
 
+    @collective
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sum these tensors over the ranks, in place (flattened into one call: one round trip)."""
         if not tensors:
@@ -66,6 +86,7 @@ class Collective:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    @collective
     def gather_bytes(self, blob: bytes) -> list[bytes]:
         """Every rank's blob, in rank order."""
         size = torch.tensor([len(blob)], dtype=torch.int64)
@@ -78,6 +99,7 @@ class Collective:
         self.group.allgather([everyone], [mine]).wait()
         return [bytes(t[: int(s)].numpy()) for t, s in zip(everyone, sizes)]
 
+    @collective
     def broadcast_bytes(self, blob: bytes, root: int) -> bytes:
         """`root`'s blob on every rank (the others' `blob` is ignored)."""
         size = torch.tensor([len(blob) if self.rank == root else 0], dtype=torch.int64)
@@ -87,8 +109,9 @@ class Collective:
             self.group.broadcast(data, root).wait()
         return bytes(data.numpy())
 
-    def any(self, flag: bool) -> bool:
-        """Whether any rank says yes (a step is due somewhere); every rank gets the same answer."""
-        value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-        self.group.allreduce([value]).wait()
-        return bool(int(value))
+    @collective
+    def any_of(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any rank raised it; every rank gets the same answer."""
+        values = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64)
+        self.group.allreduce([values]).wait()  # a sum: more than 0 is "someone"
+        return [int(v) > 0 for v in values]

@@ -105,7 +105,18 @@ RELAYED = ("weights", "moments")
 RELAY_FIELDS = {"version": COUNT, "part": _int(lambda _: 0, lambda _: 65_535), "parts": _int(lambda _: 1, lambda _: 65_536)}
 
 GENERATION = _str(64, allow_empty=True)  # a trainer group's generation: the broker's epoch and a counter
-ADDRESS = _str(256)  # HOST:PORT of a trainer group's rendezvous
+def _address(v: Any, limits: ProtocolLimits) -> str | None:
+    """HOST:PORT of a trainer group's rendezvous."""
+    problem = _str(256)(v, limits)
+    if problem:
+        return problem
+    host, _, port = v.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT"
+    return None
+
+
+ADDRESS = _address
 MAX_RANKS = 1024
 EPOCH = _str(32)  # one broker run: a peer that sees another one re-registers and re-sends (PROTOCOL.md)
 

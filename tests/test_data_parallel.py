@@ -15,14 +15,13 @@ from tests.test_training import _message
 
 def _ranks(world: int, work, timeout: float = 30.0) -> list:
     """Run `work(collective)` on `world` ranks at once (threads), each with its own group handle."""
-    address = f"127.0.0.1:{free_port()}"
-    host = StoreHost(address)
+    hosts = [StoreHost(f"127.0.0.1:{free_port()}", timeout) for _ in range(world)]  # as each worker serves its own
     results: list = [None] * world
     errors: list = []
 
     def rank(r: int) -> None:
         try:
-            results[r] = work(Collective("test-1", r, world, address, timeout, host if r == 0 else None))
+            results[r] = work(Collective("test-1", r, world, hosts[0].address, timeout, hosts[r]))
         except Exception as exc:  # surfaced below, with the rank
             errors.append((r, exc))
 
@@ -87,22 +86,24 @@ def test_a_group_with_no_rows_anywhere_takes_no_step():
 def test_collective_bytes_travel_between_ranks():
     def work(group: Collective):
         mine = bytes([group.rank]) * (group.rank * 3)  # rank 0 sends nothing
-        return group.gather_bytes(mine), group.broadcast_bytes(b"state of rank 2" if group.rank == 2 else b"", 2), group.any(group.rank == 1)
+        return group.gather_bytes(mine), group.broadcast_bytes(b"state of rank 2" if group.rank == 2 else b"", 2), \
+            group.any_of(group.rank == 1, False)
 
-    for gathered, state, anyone in _ranks(3, work):
-        assert gathered == [b"", b"\x01" * 3, b"\x02" * 6] and state == b"state of rank 2" and anyone
+    for gathered, state, flags in _ranks(3, work):
+        assert gathered == [b"", b"\x01" * 3, b"\x02" * 6] and state == b"state of rank 2" and flags == [True, False]
 
 
 def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     from collafuse.broker.group import TrainerGroup
 
     g = TrainerGroup(settle=0.5)
-    g.join(b"a", "h:1", now=0.0)
-    g.join(b"b", "h:2", now=0.2)
+    g.join(b"a", "h:1", "tiny", now=0.0)
+    assert g.refuses(b"b", "paper") and not g.refuses(b"a", "paper")  # one model for the group (a alone may change its own)
+    g.join(b"b", "h:2", "tiny", now=0.2)
     assert g.reform("E", now=0.4) is None  # settling: two joins make one generation
     first = g.reform("E", now=0.6)
     assert first is not None and first.members == [b"a", b"b"] and first.message(b"b") == {"id": "E-1", "rank": 1, "world": 2, "store": "h:1"}
-    g.join(b"c", "h:3", now=1.0)
+    g.join(b"c", "h:3", "tiny", now=1.0)
     assert g.reform("E", now=1.6).members == [b"a", b"b", b"c"]
     g.failed(b"a", "E-2", now=2.0)  # c stalls; only the ranks that report the failure are kept
     g.failed(b"b", "E-2", now=2.1)
@@ -113,5 +114,39 @@ def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     g.leave(b"a", now=4.0)
     third = g.reform("E", now=4.6)
     assert third.members == [b"b", b"c"] and third.store == "h:2"  # rank 0 left: the next oldest serves the rendezvous
+    g.join(b"d", "h:4", "tiny", now=5.0)
+    g.leave(b"d", now=5.1)  # a newcomer gone before it joined: the re-form it asked for still comes, unchanged
+    assert g.reform("E", now=5.6).members == [b"b", b"c"]
+    g.leave(b"x", now=6.0)  # never a member: nothing to re-form
+    assert g.reform("E", now=7.0) is None
     g.failed(b"x", "E-5", now=5.0)  # not a member at all: nothing happens
     assert g.reform("E", now=9.0) is None
+
+
+def test_a_rank_whose_last_step_the_group_lost_sends_no_ack_for_it():
+    """Two ranks at the same step count but different histories (rank 1 took a step with job J
+    that rank 0 never took: its peer died mid-step). Joining one generation, both take rank 0's
+    state; rank 1's held ack for J is withdrawn and J waits again to be applied, so no ack leaves
+    for a step the group does not hold."""
+    from collafuse.common.config import WorkerConfig
+    from collafuse.protocol import wire
+    from collafuse.worker.group import GroupMember
+    from collafuse.worker.training import TrainBatcher
+
+    parties = [ServerParty((1, 32, 32), seed=3) for _ in range(2)]
+    lost = _message(4, seed=9)
+    parties[1].train_step([lost], ["c"])  # the step rank 0 never took
+    parties[0].train_step([_message(4, seed=10)], ["d"])  # rank 0's own step: both at step 1
+    batchers = [TrainBatcher(64, 0.0) for _ in range(2)]
+    batchers[1].remember({"client": "c", "job": "J"}, wire.encode("ack", job="J", client="c", step=1, loss=1.0), hold=True, msg=lost)
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    members = [GroupMember(WorkerConfig(group=hosts[r], group_timeout=30), parties[r], batchers[r]) for r in range(2)]
+
+    threads = [threading.Thread(target=lambda r=r: members[r].sync(Collective("g-1", r, 2, hosts[0], 30, members[r].host))) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert batchers[1].release() == [] and [env["job"] for env, _ in batchers[1].pending] == ["J"]
+    for a, b in zip(parties[0].model.parameters(), parties[1].model.parameters()):
+        assert torch.equal(a, b)

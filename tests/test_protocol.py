@@ -241,5 +241,6 @@ def test_trainer_group_messages_are_checked():
         assert exc.value.code == ErrorCode.BAD_FIELD
     ready = dict(worker="w", denoise_credit=8, train_credit=8, trainer=True, image_shape=[1, 32, 32], levels=100, model="tiny")
     assert wire.decode(wire.encode("ready", **ready, group="127.0.0.1:29500"), LIM)["group"] == "127.0.0.1:29500"
-    with pytest.raises(ProtocolError):
-        wire.decode(wire.encode("ready", **ready, group="h" * 300), LIM)
+    for bad in ("h" * 300, "no-port", "h:0", "h:99999", ":80", 5):
+        with pytest.raises(ProtocolError):
+            wire.decode(wire.encode("ready", **ready, group=bad), LIM)

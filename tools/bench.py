@@ -530,11 +530,10 @@ def allreduce(model: str = "paper", size: int = 128, ranks: int = 2, repeats: in
     from collafuse.system.launch import free_port
 
     params = sum(p.numel() for p in build_unet(model, size, conditioned_on_cut=True, channels=1).parameters())
-    address = f"127.0.0.1:{free_port()}"
-    host, times = StoreHost(address), [[] for _ in range(ranks)]
+    hosts, times = [StoreHost(f"127.0.0.1:{free_port()}", 60.0) for _ in range(ranks)], [[] for _ in range(ranks)]
 
     def rank(r: int) -> None:
-        group = Collective("bench", r, ranks, address, 60.0, host if r == 0 else None)
+        group = Collective("bench", r, ranks, hosts[0].address, 60.0, hosts[r])
         grads = [torch.ones(params)]
         group.sum_(grads)  # warm the connections
         for _ in range(repeats):

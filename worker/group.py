@@ -16,7 +16,7 @@ import torch
 
 from collafuse.common.config import WorkerConfig
 from collafuse.engine.checkpoint import checkpoint_bytes, load_checkpoint_bytes
-from collafuse.engine.collective import Collective, CollectiveError, StoreHost
+from collafuse.engine.collective import Collective, StoreHost
 from collafuse.engine.server import ServerParty
 from collafuse.worker.training import TrainBatcher
 
@@ -29,13 +29,14 @@ class GroupMember:
     def __init__(self, config: WorkerConfig, party: ServerParty, batcher: TrainBatcher) -> None:
         self.party, self.batcher = party, batcher
         self.timeout = config.group_timeout
-        self.host = StoreHost(config.group)
+        self.host = StoreHost(config.group, config.group_timeout)
         self.collective: Collective | None = None
         self.announced: dict | None = None  # the broker's latest `group` message, not yet joined
         self.generation = ""  # the generation joined last (or tried)
 
     @property
     def world(self) -> int:
+        """Ranks in the generation this worker is in; 0 while it is in none."""
         return self.collective.world if self.collective is not None else 0
 
     @property
@@ -46,37 +47,40 @@ class GroupMember:
         if env["id"] != self.generation:
             self.announced = env
 
+    def leave(self) -> None:
+        self.collective = None
+        self.announced = None
+
     def agree(self, due: bool) -> bool:
         """The loop's collective: whether any rank has a step due. If any rank has seen a new
         generation announced, every rank leaves this one here, together (so none waits on a rank
-        that already left), and joins the next. Raises a CollectiveError when the group broke."""
+        that already left), and joins the next. Raises CollectiveFailed when the group broke."""
         assert self.collective is not None
-        flags = torch.tensor([1 if due else 0, 1 if self.announced is not None else 0], dtype=torch.int64)
-        self.collective.group.allreduce([flags]).wait()
-        if int(flags[1]):
+        due_somewhere, switch = self.collective.any_of(due, self.announced is not None)
+        if switch:
             self.collective = None
             return False
-        return bool(int(flags[0]))
+        return due_somewhere
 
-    def join(self) -> str | None:
-        """Join the announced generation and take the most advanced rank's state; why it failed, or None."""
+    def join(self) -> None:
+        """Join the announced generation and take the most advanced rank's state. Raises
+        CollectiveFailed when the generation cannot form (a member is gone or late)."""
         env, self.announced = self.announced, None
         assert env is not None
         self.generation = env["id"]
-        try:
-            collective = Collective(env["id"], env["rank"], env["world"], env["store"], self.timeout, self.host)
-            self.sync(collective)
-        except (*CollectiveError, ValueError) as exc:
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        collective = Collective(env["id"], env["rank"], env["world"], env["store"], self.timeout, self.host)
+        self.sync(collective)
         self.collective = collective
         log.info("trainer group %s: rank %d of %d, at step %d", env["id"], env["rank"], env["world"], self.party.step)
-        return None
 
     def sync(self, collective: Collective) -> None:
-        """Every rank continues from the state of the rank with the most steps (ranks that saw a
-        peer die may be a step apart; a newcomer has none): weights, optimiser, step, the loss
-        bound's history and the acks of applied jobs, so that no job is applied twice. Sent even
-        when the steps agree: a newcomer at step 0 may have other initial weights."""
+        """Every rank continues from the state of the rank with the most steps, the lowest rank
+        among equals (survivors come before newcomers): weights, optimiser, step, the loss bound's
+        history and the acks of applied jobs, so that no job is applied twice. Sent even when the
+        steps agree: a newcomer at step 0 may have other initial weights, and a rank whose last
+        step was lost with a peer may have one the others never took; the jobs of such a step,
+        whose acks it still holds, wait again to be applied (no ack leaves for a step that a
+        later generation does not hold)."""
         steps = [int(blob) for blob in collective.gather_bytes(str(self.party.step).encode())]
         root = steps.index(max(steps))
         if collective.world == 1:
@@ -94,3 +98,6 @@ class GroupMember:
             self.party.accepted_losses.extend(meta["losses"])
             self.batcher.applied.clear()
             self.batcher.restore(extra["applied"].numpy().tobytes())
+            lost = self.batcher.unhold_unapplied()
+            if lost:
+                log.warning("trainer group %s: %d jobs of a step the group does not hold wait to be applied again", collective.generation, lost)

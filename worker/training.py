@@ -36,7 +36,7 @@ class TrainBatcher:
         self.pending: list[Pending] = []  # oldest first
         self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
         self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (client, job) → its ack, oldest first
-        self.held: dict[tuple[str, str], bytes] = {}  # acks of applied jobs not yet in a checkpoint, oldest first
+        self.held: dict[tuple[str, str], tuple[bytes, Pending]] = {}  # applied jobs whose acks wait (with their rows), oldest first
         self.held_since = 0.0
 
     def add(self, env: dict, msg: ServerMessage) -> None:
@@ -70,17 +70,19 @@ class TrainBatcher:
         """Whether this job's ack waits for a checkpoint (it goes out then, to whoever holds the job)."""
         return (env["client"], env["job"]) in self.held
 
-    def remember(self, env: dict, ack: bytes, hold: bool) -> None:
+    def remember(self, env: dict, ack: bytes, hold: bool, msg: ServerMessage | None = None) -> None:
         """An applied job's ack, kept to answer the job again; with `hold`, also kept back until
-        `release` (its step is not durable yet)."""
+        `release` (its step is not durable yet), with its rows (`msg`), which go back to the
+        pending jobs if the step turns out lost (`unhold_unapplied`)."""
         key = (env["client"], env["job"])
         self.applied[key] = ack
         for old in list(self.applied)[: max(0, len(self.applied) - ACKS_REMEMBERED)]:
             if old not in self.held:  # a held ack stays until it is sent
                 del self.applied[old]
         if hold:
+            assert msg is not None
             self.held_since = self.held_since if self.held else time.monotonic()
-            self.held[key] = ack
+            self.held[key] = (ack, (env, msg))
 
     def commit_due(self, wait: float) -> bool:
         """Whether held acks should be made durable now: unless a full step's rows already wait for
@@ -90,8 +92,15 @@ class TrainBatcher:
 
     def release(self) -> list[bytes]:
         """The held acks, now durable, to send."""
-        acks, self.held = list(self.held.values()), {}
+        acks, self.held = [ack for ack, _ in self.held.values()], {}
         return acks
+
+    def unhold_unapplied(self) -> int:
+        """After taking another rank's state: the held jobs that state did not apply (this rank's
+        last step was lost with a peer) wait again to be applied; how many."""
+        lost = [key for key in self.held if key not in self.applied]
+        self.put_back([self.held.pop(key)[1] for key in lost])
+        return len(lost)
 
     def applied_blob(self) -> bytes:
         """The remembered acks, for the checkpoint (msgpack: [[client, job, ack], ...])."""
@@ -105,9 +114,9 @@ class TrainBatcher:
         """Jobs taken for a step that was not taken (a trainer group's collective failed): first again."""
         self.pending[:0] = jobs
 
-    def settle_applied(self) -> list[tuple[dict, bytes]]:
+    def settle_applied(self) -> list[tuple[Pending, bytes]]:
         """Waiting jobs that turn out to be applied already (another rank of the group stepped with
         them), taken out with their acks."""
-        done = [(env, ack) for env, _ in self.pending if (ack := self.ack_of(env)) is not None]
-        self.pending = [(env, msg) for env, msg in self.pending if self.ack_of(env) is None]
+        done = [(job, ack) for job in self.pending if (ack := self.ack_of(job[0])) is not None]
+        self.pending = [job for job in self.pending if self.ack_of(job[0]) is None]
         return done

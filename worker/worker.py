@@ -39,7 +39,7 @@ from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
 from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
-from collafuse.engine.collective import Collective, CollectiveError, split_address
+from collafuse.engine.collective import Collective, CollectiveFailed, split_address
 from collafuse.worker.group import GroupMember
 from collafuse.worker.relay import WeightRelay
 from collafuse.worker.training import TrainBatcher, row_count
@@ -118,7 +118,7 @@ class Worker(Stoppable):
             "error": self.on_error,
             "heartbeat": self.on_heartbeat,
             "group": self.on_group,
-            **{kind: self.relay.on_relayed for kind in wire.RELAYED},
+            **{kind: self.on_relayed for kind in wire.RELAYED},
         }
 
     # ---- connection -------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Worker(Stoppable):
         self.batcher.pending.clear()
         self.epoch = ""
         if self.group is not None:  # the broker forms a new generation with us once we are registered
-            self.group.collective = None
+            self.group.leave()
         self.sock = dealer(self.ctx, self.config.broker, self.limits.max_frame_bytes, self.keys)
         self.send(
             wire.encode(
@@ -195,7 +195,13 @@ class Worker(Stoppable):
             return False
         if self.party.step - self.last_checkpoint_step >= self.config.checkpoint_every:
             return True
-        return not self.replicated() and self.batcher.commit_due(self.config.durable_wait)
+        return self.checkpoint_makes_durable() and self.batcher.commit_due(self.config.durable_wait)
+
+    def checkpoint_makes_durable(self) -> bool:
+        """Whether a checkpoint makes the held acks' steps durable: for a lone trainer, yes; in a
+        group only for a rank alone in a live generation (otherwise the next generation may start
+        from another rank's state, without this rank's last step)."""
+        return self.group is None or (self.group.collective is not None and self.group.world == 1)
 
     def on_message(self, frames: list[zmq.Frame]) -> None:
         """Any message proves the broker alive; a job that fails still gets its one reply."""
@@ -229,6 +235,14 @@ class Worker(Stoppable):
         else:
             self.epoch = epoch
 
+    def on_relayed(self, env: dict, frames: list[zmq.Frame]) -> None:
+        """A rank in a live generation of the trainer group ignores relays (the group keeps its
+        ranks identical); between generations, e.g. when it registers after a lone trainer has
+        trained, it takes a newer version like any worker, and the next generation starts from
+        the most advanced rank."""
+        if self.group is None or self.group.collective is None:
+            self.relay.on_relayed(env, frames)
+
     def on_group(self, env: dict, frames: list[zmq.Frame]) -> None:
         if self.group is not None:
             self.group.on_group(env)
@@ -243,9 +257,13 @@ class Worker(Stoppable):
 
     # ---- training ---------------------------------------------------------------------------
     def on_train(self, env: dict, frames: list[zmq.Frame]) -> None:
+        """A job applied before (a broker or trainer restart, or another rank of the group applied
+        it and died) is acknowledged again, not applied again; a held ack goes out when its step is
+        durable. In a group that is only after the next collective: the step that applied it may
+        still be lost with a peer, so the job is held with its rows, like a fresh one."""
         ack = self.batcher.ack_of(env)
-        if ack is not None:  # applied before (a broker or trainer restart): acknowledge again, do not re-apply
-            if not self.batcher.is_held(env):  # a held ack goes out with the checkpoint that makes it durable
+        if ack is not None and (self.group is None or self.batcher.is_held(env)):
+            if not self.batcher.is_held(env):
                 self.send(ack)
             return
         if len(frames) != 2:
@@ -253,11 +271,16 @@ class Worker(Stoppable):
         arrays = tensors.decode(frames[1].buffer, wire.tensor_spec(env, self.shape), self.limits.max_frame_bytes)
         wire.check_train_values(env, arrays, self.limits)
         t, x_t, eps = (torch.from_numpy(arrays[k].copy()) for k in ("t", "x_t", "eps"))
-        self.batcher.add(env, ServerMessage(x_t, t, torch.full_like(t, env["t_c"]), eps))
+        msg = ServerMessage(x_t, t, torch.full_like(t, env["t_c"]), eps)
+        if ack is not None:
+            self.batcher.remember(env, ack, hold=True, msg=msg)
+        else:
+            self.batcher.add(env, msg)
 
     def train(self, flush: bool = False) -> None:
         """One optimiser step over the jobs the batcher has due (with `flush`, the oldest that fit one,
-        due or not); in a trainer group, the step the ranks agree on."""
+        due or not); in a trainer group, the step the ranks agree on (`flush` does not apply: a
+        group steps when any rank has a step due)."""
         if self.group is not None:
             self.train_in_group()
             return
@@ -267,36 +290,31 @@ class Worker(Stoppable):
 
     def train_in_group(self) -> None:
         """Join an announced generation, or agree with the other ranks whether a step is due and take
-        it together (with this rank's due jobs, or none). Acks held for replication go out once
-        every rank has passed the collective after their step. A failed collective puts the step's
-        jobs back and tells the broker, which re-forms the group."""
+        it together (with this rank's jobs that fit one step, or none, whether due here or not).
+        Held acks go out once every rank has passed the collective after their step (alone in a
+        generation with a checkpoint: once a checkpoint holds it). A failed collective puts the
+        step's jobs back and tells the broker, which re-forms the group."""
         group = self.group
         assert group is not None
-        if group.collective is None:
-            if group.announced is not None:
-                why = group.join()
-                if why:
-                    self.group_failed(why)
-                for env, ack in self.batcher.settle_applied():  # applied by the others in a step this rank missed
-                    self.batcher.remember(env, ack, hold=True)
-            return
         batch: list = []
         try:
+            if group.collective is None:
+                if group.announced is not None:
+                    group.join()
+                    for (env, msg), ack in self.batcher.settle_applied():  # applied by the others in a step this rank missed
+                        self.batcher.remember(env, ack, hold=True, msg=msg)
+                return
             due = group.agree(self.batcher.due())
             if self.replicated() or not self.config.checkpoint:
                 self.send_acks(self.batcher.release())
             if due:
                 batch = self.batcher.take(flush=True)
                 self.apply(batch, group.collective)
-        except CollectiveError as exc:
+        except CollectiveFailed as exc:
             self.batcher.put_back(batch)
-            self.group_failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-
-    def group_failed(self, why: str) -> None:
-        assert self.group is not None
-        log.warning("trainer group %s failed (%s): telling the broker", self.group.generation or "(none)", why)
-        self.group.collective = None
-        self.send(wire.encode("group_failed", id=self.group.generation))
+            log.warning("trainer group %s failed (%s): telling the broker", group.generation or "(none)", exc)
+            group.collective = None
+            self.send(wire.encode("group_failed", id=group.generation))
 
     def apply(self, batch: list, collective: Collective | None = None) -> None:
         """One optimiser step over these jobs (in a group: with the other ranks'), each answered
@@ -307,13 +325,13 @@ class Worker(Stoppable):
             outcome = self.party.train_step([m for _, m in batch], [env["client"] for env, _ in batch], collective,
                                             [[env["client"], env["job"]] for env, _ in batch])
         self.batcher.stepped()
-        hold = bool(self.config.checkpoint) or self.replicated()
-        for i, (env, _) in enumerate(batch):
+        hold = bool(self.config.checkpoint) or self.group is not None  # a group's acks wait for the next collective
+        for i, (env, msg) in enumerate(batch):
             if i in outcome.refused:
                 self.reply_error(env, ProtocolError(ErrorCode.REFUSED, outcome.refused[i], env["job"]))
                 continue
             ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(outcome.loss))
-            self.batcher.remember(env, ack, hold=hold)
+            self.batcher.remember(env, ack, hold=hold, msg=msg)
             if not hold:
                 self.send(ack)
         if outcome.loss is None:  # every job was refused: no step was taken
@@ -370,7 +388,8 @@ class Worker(Stoppable):
                         {"applied": applied})
         self.last_checkpoint_step = self.party.step
         log.debug("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
-        self.send_acks(self.batcher.release())
+        if self.checkpoint_makes_durable():
+            self.send_acks(self.batcher.release())
 
     def send_acks(self, acks: list[bytes]) -> None:
         for ack in acks:
@@ -383,6 +402,8 @@ class Worker(Stoppable):
         which hold every step this rank took."""
         while self.batcher.pending and (self.group is None or self.group.world == 1):
             self.apply(self.batcher.take(flush=True), self.group.collective if self.group is not None else None)
+        if self.group is not None and self.group.world == 1 and not self.config.checkpoint:
+            self.send_acks(self.batcher.release())  # alone and without a checkpoint: not durable, as the log said at start
         if self.config.checkpoint:
             self.checkpoint()
         report = self.energy.stop()
