@@ -51,6 +51,7 @@ TRAIN_CREDIT_STEPS = 2  # train credit in steps' worth of rows: the next step's 
 # keeps rows arriving while acks wait, so that one checkpoint serves several steps under load.
 DURABLE_TRAIN_CREDIT_STEPS = 8
 IDLE_POLLS_PER_HEARTBEAT = 2  # an idle loop wakes this often per heartbeat interval, so heartbeats leave on time
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GROUP_IDLE_POLL_MS = 20  # an idle rank of a trainer group: its peers wait this long at most for it to agree on a step
 BYE_LINGER_MS = 1000  # how long the closing socket may take to deliver `bye`
 
@@ -89,6 +90,9 @@ class Worker(Stoppable):
                 raise ValueError(f"--group-timeout {config.group_timeout:g} s must be below the heartbeat deadline "
                                  f"(interval × liveness = {deadline:g} s), or a rank waiting for a slow peer is declared dead")
         self.group = GroupMember(config, self.party, self.batcher) if config.group else None
+        if config.group and split_address(config.group)[0] in LOOPBACK and not any(h in config.broker for h in LOOPBACK):
+            log.warning("--group %s is reachable from this machine only, the broker at %s is not: trainers on other machines "
+                        "cannot reach this one, and every generation with them will fail", config.group, config.broker)
         if config.checkpoint and Path(config.checkpoint).is_file():
             meta = load_checkpoint(config.checkpoint, self.party.model, self.party.optimizer, self.device)
             self.party.step, self.party.rows_applied = int(meta.get("step", 0)), int(meta.get("rows", 0))
