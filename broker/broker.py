@@ -142,6 +142,10 @@ class Broker(Stoppable):
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
         self.trainer: bytes | None = None  # the trainer whose weights are relayed (the group's rank 0)
+        # The latest optimiser step acknowledged through this broker run; None until the first ack:
+        # a broker (re)started does not know what the trainer acknowledged before.
+        self.acked_step: int | None = None
+        self.relayed_version = 0  # the optimiser step of the latest complete weights relay
         self.group = TrainerGroup(config.group_settle)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
@@ -173,6 +177,8 @@ class Broker(Stoppable):
             if saved:
                 self.model_shape, self.levels = tuple(saved["model"][0]), saved["model"][1]  # type: ignore[assignment]
                 self.relayed[kind] = [[zmq.Frame(env), zmq.Frame(blob)] for env, blob in saved["parts"]]
+        if self.relayed["weights"]:
+            self.relayed_version = wire.decode(self.relayed["weights"][-1][0].bytes, self.limits)["version"]
         log.info("state from %s: %d client names, relayed weights %s", self.state.folder, len(self.owners),
                  "kept" if self.relayed["weights"] else "none")
 
@@ -458,6 +464,8 @@ class Broker(Stoppable):
             if env["part"] == 0:
                 self.relayed[kind] = []
             self.relayed[kind].append(frames)
+            if kind == "weights" and env["part"] == env["parts"] - 1:
+                self.relayed_version = env["version"]
             if self.state is not None and env["part"] == env["parts"] - 1:
                 self.save_relayed(kind)
             for other in self.workers.values():
@@ -492,10 +500,11 @@ class Broker(Stoppable):
             self.group.join(route, worker.group, env["model"], time.monotonic())
         if worker.trainer and self.trainer is None:
             self.trainer = route
-        else:  # the latest version's parts, in order, weights first; a group member takes them only now
-            for kind in (k for k in wire.RELAYED if worker.wants(k) or worker.group):
-                for part in self.relayed[kind]:
-                    self.backend.send_multipart([route, *part], copy=False)
+        # The latest version's parts, in order, weights first; a group member takes them only now, a
+        # trainer only if they are newer than its model (a fresh one then starts from them).
+        for kind in (k for k in wire.RELAYED if worker.wants(k) or worker.group):
+            for part in self.relayed[kind]:
+                self.backend.send_multipart([route, *part], copy=False)
         log.info("worker %s ready (credit %s%s)", worker.name, credit, ", trainer" if self.trainer == route else "")
 
     def release(self, worker: WorkerState, key: tuple[str, str]) -> Job | None:
@@ -516,6 +525,8 @@ class Broker(Stoppable):
             self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
             return
         worker.completed += 1
+        if env["type"] == "ack":
+            self.acked_step = max(self.acked_step or 0, env["step"])
         self.answer(job, frames, failed=env["type"] == "error")
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
@@ -548,7 +559,22 @@ class Broker(Stoppable):
         self.requeue(worker)
         self.group.leave(worker.route, time.monotonic())
         if self.trainer == worker.route:
-            self.trainer = next((w.route for w in self.workers.values() if w.trainer), None)
+            self.trainer = self.standby()
+
+    def standby(self) -> bytes | None:
+        """The worker that takes over from a trainer that is gone. A standby continues from the
+        latest relayed version, so it may take over only if that version holds every step
+        acknowledged through this broker: otherwise acknowledged updates would be lost and step
+        numbers used twice. Then train jobs wait for a trainer to register (the old one, restarted
+        from its checkpoint) or are answered `unavailable` after `no_worker_wait`. (A trainer
+        group re-forms instead.)"""
+        standby = next((w for w in self.workers.values() if w.trainer and not w.group), None)
+        if standby is not None and (self.acked_step is None or self.relayed_version < self.acked_step):
+            log.warning("the trainer is gone and the latest relay (step %d) may lack acknowledged steps (the latest: %s): %s does not "
+                        "take over; train jobs wait for the trainer to return from its checkpoint", self.relayed_version,
+                        self.acked_step if self.acked_step is not None else "unknown to this broker run", standby.name)
+            return None
+        return standby.route if standby is not None else None
 
     def requeue(self, worker: WorkerState) -> None:
         for job in sorted(worker.jobs.values(), key=lambda j: j.received, reverse=True):

@@ -58,6 +58,14 @@ class RawClient:
                                "eps": rng.standard_normal((rows, *self.shape), dtype=np.float32)})
         self.send(wire.encode("train", job=job, client=self.name, rows=rows, t_c=t_c), blob)
 
+    def silent(self, seconds: float = 1.0) -> bool:
+        """Whether nothing at all arrives for `seconds`."""
+        try:
+            self.recv(seconds)
+        except TimeoutError:
+            return True
+        return False
+
     def train_all(self, jobs: set[str], first_seed: int = 0, timeout: float = 120) -> dict[str, list[dict]]:
         """Send these train jobs (in sorted order, seeds counting up from `first_seed`) and collect their replies."""
         for i, job in enumerate(sorted(jobs)):

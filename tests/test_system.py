@@ -702,3 +702,26 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     print(json.dumps({"trainer_group": {"acknowledged": len(acknowledged), "contained": len(acknowledged & applied),
                                         "applied_twice": meta["rows"] // 4 - len(acknowledged), "steps": meta["step"],
                                         "kill_to_all_acked_s": round(recovered, 1)}}))
+
+
+def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp_path):
+    """A trainer (with its checkpoint) and a standby; the trainer acknowledges 3 steps and relays
+    none (--sync-every 100), then dies. The standby would continue from older weights and number
+    its steps again, so it does not take over: a new job waits, and is acknowledged as step 4 by
+    the trainer started again from its checkpoint."""
+    front, back = start_broker(fleet)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
+    start_worker(fleet, back, front, "standby", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
+    fleet.procs.pop("t").wait()
+    wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["standby"], 30, what="the trainer declared dead")
+    assert not any(w["trainer"] for w in _status(front)["workers"])
+    client.train("b0", seed=50)
+    assert client.silent(2.0)  # waits: no trainer can take it without losing acknowledged steps
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
+    got = client.collect({"b0"}, timeout=60)
+    assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4

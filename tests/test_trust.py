@@ -22,14 +22,6 @@ def fleet(tmp_path):
     f.stop_all(timeout=20)
 
 
-def _silent(client: RawClient, seconds: float = 1.0) -> bool:
-    try:
-        client.recv(seconds)
-    except TimeoutError:
-        return True
-    return False
-
-
 def _stranger_keys(folder, name: str, broker_public: bytes) -> PeerKeys:
     """A well-formed key pair that no allow-list holds."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,18 +44,18 @@ def test_keys_decide_who_connects_and_as_what(fleet, tmp_path):
     # an unknown key, or the right key with the wrong server key: no connection, so no answer at all
     stranger = RawClient(front, "stranger", keys=_stranger_keys(tmp_path, "stranger", broker_public))
     stranger.send(wire.encode("hello", client="stranger", t_c=60, image_shape=[1, 32, 32], levels=100))
-    assert _silent(stranger)
+    assert stranger.silent()
     impostor_server = _stranger_keys(tmp_path / "other", "fake-broker", broker_public).own.public
     wrong_server = RawClient(front, "alice2", keys=PeerKeys(own=PeerKeys.load(ring.peer("alice", "node")).own, broker=impostor_server))
     wrong_server.send(wire.encode("status"))
-    assert _silent(wrong_server)
+    assert wrong_server.silent()
 
     # a node key on the workers' socket: refused before any message, so it is never given a job
     rogue = RawWorker(back, "rogue", keys=PeerKeys.load(ring.peer("mallory", "node")))
     rogue.ready()
     alice.denoise("d1", count=2)
     env, _ = worker.next_job()
-    assert env["job"] == "d1" and _silent(rogue, 0.5)
+    assert env["job"] == "d1" and rogue.silent(0.5)
     assert [w["name"] for w in _status(front)["workers"]] == ["w0"]
 
     # a worker key may denoise but not train; a node key may not read status; an admin key may not join
@@ -95,5 +87,5 @@ def test_keys_decide_who_connects_and_as_what(fleet, tmp_path):
     assert reply["code"] == "forbidden" and reply["job"] == "d2"
     again = RawClient(front, "alice")
     again.send(wire.encode("hello", client="alice", t_c=60, image_shape=[1, 32, 32], levels=100))
-    assert _silent(again)  # a new connection with the revoked key is refused outright
+    assert again.silent()  # a new connection with the revoked key is refused outright
     assert fleet.alive("broker")
