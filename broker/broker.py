@@ -145,6 +145,7 @@ class Broker(Stoppable):
         # The latest optimiser step acknowledged through this broker run; None until the first ack:
         # a broker (re)started does not know what the trainer acknowledged before.
         self.acked_step: int | None = None
+        self.acks_durable = True  # whether the trainer that sent them had a checkpoint
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
         self.group = TrainerGroup(config.group_settle)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
@@ -458,6 +459,9 @@ class Broker(Stoppable):
         elif kind == "heartbeat":
             if isinstance(env.get("stats"), dict):
                 worker.stats = env["stats"]
+            if self.trainer is None and worker.trainer and not worker.group and self.may_train(worker):
+                self.trainer = route  # e.g. the trainer back from its checkpoint, which reports its step here
+                log.info("worker %s is the trainer now (at step %s)", worker.name, worker.stats.get("step"))
         elif kind in wire.REPLIES:
             self.on_reply(worker, env, frames)
         elif kind in wire.RELAYED and route == self.trainer and len(frames) == 2:
@@ -485,7 +489,12 @@ class Broker(Stoppable):
             self.backend.send_multipart([route, wire.error("", ErrorCode.INCOMPATIBLE, f"this broker serves images {list(self.model_shape)} with T={self.levels}")])
             return
         group = env.get("group", "") if env["trainer"] else ""
-        problem = self.group.refuses(route, env["model"]) if group else None
+        lone = self.workers.get(self.trainer) if self.trainer is not None else None
+        if group and lone is not None and not lone.group and lone.route != route:
+            problem: str | None = (f"a lone trainer ({lone.name}) trains here; stop it before starting a trainer group (its checkpoint, "
+                                   f"given to a group member as --checkpoint, carries its steps over)")
+        else:
+            problem = self.group.refuses(route, env["model"]) if group else None
         if problem:
             self.backend.send_multipart([route, wire.error("", ErrorCode.INCOMPATIBLE, problem)])
             return
@@ -493,12 +502,15 @@ class Broker(Stoppable):
         if old is not None:
             self.requeue(old)
             self.group.leave(route, time.monotonic())
-        credit = {"denoise": env["denoise_credit"], "train": env["train_credit"] if env["trainer"] else 0}
-        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), env["trainer"], time.monotonic(), group=group)
+        # Beside a trainer group a worker without --group only denoises: two trainers of one model
+        # that do not reduce together would each lose the other's steps.
+        trains = env["trainer"] and (bool(group) or not self.group.candidates)
+        credit = {"denoise": env["denoise_credit"], "train": env["train_credit"] if trains else 0}
+        worker = WorkerState(route, env["worker"], dict(credit), dict(credit), trains, time.monotonic(), group=group)
         self.workers[route] = worker
         if worker.group:
             self.group.join(route, worker.group, env["model"], time.monotonic())
-        if worker.trainer and self.trainer is None:
+        if worker.trainer and self.trainer is None and (worker.group or self.may_train(worker)):
             self.trainer = route
         # The latest version's parts, in order, weights first; a group member takes them only now, a
         # trainer only if they are newer than its model (a fresh one then starts from them).
@@ -525,8 +537,9 @@ class Broker(Stoppable):
             self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
             return
         worker.completed += 1
-        if env["type"] == "ack":
+        if env["type"] == "ack" and not worker.group:
             self.acked_step = max(self.acked_step or 0, env["step"])
+            self.acks_durable = bool(worker.stats.get("durable", True))
         self.answer(job, frames, failed=env["type"] == "error")
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
@@ -559,22 +572,29 @@ class Broker(Stoppable):
         self.requeue(worker)
         self.group.leave(worker.route, time.monotonic())
         if self.trainer == worker.route:
-            self.trainer = self.standby()
+            self.trainer = None if self.group.candidates or worker.group else self.standby()  # a group re-forms instead
 
     def standby(self) -> bytes | None:
-        """The worker that takes over from a trainer that is gone. A standby continues from the
-        latest relayed version, so it may take over only if that version holds every step
-        acknowledged through this broker: otherwise acknowledged updates would be lost and step
-        numbers used twice. Then train jobs wait for a trainer to register (the old one, restarted
-        from its checkpoint) or are answered `unavailable` after `no_worker_wait`. (A trainer
-        group re-forms instead.)"""
-        standby = next((w for w in self.workers.values() if w.trainer and not w.group), None)
-        if standby is not None and (self.acked_step is None or self.relayed_version < self.acked_step):
-            log.warning("the trainer is gone and the latest relay (step %d) may lack acknowledged steps (the latest: %s): %s does not "
-                        "take over; train jobs wait for the trainer to return from its checkpoint", self.relayed_version,
-                        self.acked_step if self.acked_step is not None else "unknown to this broker run", standby.name)
-            return None
-        return standby.route if standby is not None else None
+        """The worker that takes over from a trainer that is gone: the first that may (`may_train`).
+        None: train jobs wait until one may (a trainer back from its checkpoint reports its step in
+        its heartbeats), or are answered `unavailable` after `no_worker_wait`. (A trainer group
+        re-forms instead.)"""
+        standbys = [w for w in self.workers.values() if w.trainer and not w.group]
+        chosen = next((w for w in standbys if self.may_train(w)), None)
+        if chosen is None and standbys:
+            log.warning("the trainer is gone; no standby holds step %s, the latest acknowledged (relayed: step %d): train jobs wait "
+                        "for the trainer to return from its checkpoint", self.acked_step, self.relayed_version)
+        return chosen.route if chosen is not None else None
+
+    def may_train(self, worker: WorkerState) -> bool:
+        """Whether this worker may become the trainer without losing an acknowledged update: its own
+        model (the step its heartbeats report) or the latest relay, which it loads when newer,
+        holds the latest step acknowledged through this broker run. Acks of a trainer without a
+        checkpoint were never promises (it says so at start; its heartbeats say `durable` false),
+        and a broker run that has seen no ack knows of none, so then any worker may."""
+        if self.acked_step is None or not self.acks_durable:
+            return True
+        return max(int(worker.stats.get("step") or 0), self.relayed_version) >= self.acked_step
 
     def requeue(self, worker: WorkerState) -> None:
         for job in sorted(worker.jobs.values(), key=lambda j: j.received, reverse=True):

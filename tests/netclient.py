@@ -105,9 +105,9 @@ class RawWorker(RawClient):
 
     role = "trainer"
 
-    def ready(self, denoise_credit: int = 8, train_credit: int = 8, trainer: bool = True) -> None:
+    def ready(self, denoise_credit: int = 8, train_credit: int = 8, trainer: bool = True, **extra) -> None:
         self.send(wire.encode("ready", worker=self.name, denoise_credit=denoise_credit, train_credit=train_credit, trainer=trainer,
-                              image_shape=list(self.shape), levels=100, model="tiny"))
+                              image_shape=list(self.shape), levels=100, model="tiny", **extra))
 
     def next_job(self, timeout: float = 10.0) -> tuple[dict, list[bytes]]:
         """The next train or denoise job forwarded to this worker (heartbeats skipped)."""

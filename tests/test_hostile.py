@@ -224,3 +224,26 @@ def test_one_key_cannot_hold_more_than_its_connections(fleet):
     conns[0].hello()  # says hello again: now the next oldest of that key is forgotten
     conns[2].send(wire.encode("heartbeat"))
     assert conns[2].recv()[0]["code"] == "not_joined"
+
+
+def test_a_lone_trainer_and_a_trainer_group_do_not_mix(fleet):
+    """Two trainers of one model that do not reduce together would each lose the other's steps: a
+    group member that registers while a lone trainer trains is refused (`incompatible`, saying
+    why), and a worker without --group that registers beside a group only denoises."""
+    front, back = start_broker(fleet)
+    lone = RawWorker(back, "lone")
+    lone.ready()
+    time.sleep(0.3)
+    member = RawWorker(back, "member")
+    member.ready(group="127.0.0.1:29999")
+    env, _ = member.recv()
+    assert env["code"] == "incompatible" and "lone trainer" in env["reason"]
+    lone.send(wire.encode("bye"))
+    time.sleep(0.3)
+    member.ready(group="127.0.0.1:29999")
+    time.sleep(0.3)
+    late = RawWorker(back, "late")
+    late.ready()
+    time.sleep(0.3)
+    workers = {w["name"]: w for w in _status(front)["workers"]}
+    assert workers["late"]["credit"]["train"] == 0 and workers["member"]["credit"]["train"] == 8

@@ -708,7 +708,7 @@ def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp
     """A trainer (with its checkpoint) and a standby; the trainer acknowledges 3 steps and relays
     none (--sync-every 100), then dies. The standby would continue from older weights and number
     its steps again, so it does not take over: a new job waits, and is acknowledged as step 4 by
-    the trainer started again from its checkpoint."""
+    the trainer started again from its checkpoint; the same when it is restarted at once."""
     front, back = start_broker(fleet)
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
     start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
@@ -725,3 +725,12 @@ def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp
     start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
     got = client.collect({"b0"}, timeout=60)
     assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4
+    # Restarted at once, before the broker has noticed the death: the new connection registers
+    # while the old still counts as the trainer, and takes over once its heartbeat reports step 4.
+    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
+    fleet.procs.pop("t").wait()
+    fleet.start("t", cli("worker", "--broker", back, "--name", "t", "--device", "cpu", *KEYRINGS[back].args("t", "trainer"), *FAST_HB, *flags,
+                         "--checkpoint", str(tmp_path / "t.safetensors")))
+    client.train("b1", seed=51)
+    got = client.collect({"b1"}, timeout=120)
+    assert got["b1"][0]["type"] == "ack" and got["b1"][0]["step"] == 5

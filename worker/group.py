@@ -98,6 +98,6 @@ class GroupMember:
             self.party.accepted_losses.extend(meta["losses"])
             self.batcher.applied.clear()
             self.batcher.restore(extra["applied"].numpy().tobytes())
-            lost = self.batcher.unhold_unapplied()
+            lost = self.batcher.reconcile_held()
             if lost:
                 log.warning("trainer group %s: %d jobs of a step the group does not hold wait to be applied again", collective.generation, lost)

@@ -36,7 +36,7 @@ class TrainBatcher:
         self.pending: list[Pending] = []  # oldest first
         self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
         self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (client, job) → its ack, oldest first
-        self.held: dict[tuple[str, str], tuple[bytes, Pending]] = {}  # applied jobs whose acks wait (with their rows), oldest first
+        self.held: dict[tuple[str, str], tuple[bytes, tuple[dict, ServerMessage | None]]] = {}  # acks that wait (and rows), oldest first
         self.held_since = 0.0
 
     def add(self, env: dict, msg: ServerMessage) -> None:
@@ -72,15 +72,14 @@ class TrainBatcher:
 
     def remember(self, env: dict, ack: bytes, hold: bool, msg: ServerMessage | None = None) -> None:
         """An applied job's ack, kept to answer the job again; with `hold`, also kept back until
-        `release` (its step is not durable yet), with its rows (`msg`), which go back to the
-        pending jobs if the step turns out lost (`unhold_unapplied`)."""
+        `release` (its step is not durable yet), in a trainer group with its rows (`msg`), which go
+        back to the pending jobs if the step turns out lost (`reconcile_held`)."""
         key = (env["client"], env["job"])
         self.applied[key] = ack
         for old in list(self.applied)[: max(0, len(self.applied) - ACKS_REMEMBERED)]:
             if old not in self.held:  # a held ack stays until it is sent
                 del self.applied[old]
         if hold:
-            assert msg is not None
             self.held_since = self.held_since if self.held else time.monotonic()
             self.held[key] = (ack, (env, msg))
 
@@ -95,11 +94,17 @@ class TrainBatcher:
         acks, self.held = [ack for ack, _ in self.held.values()], {}
         return acks
 
-    def unhold_unapplied(self) -> int:
-        """After taking another rank's state: the held jobs that state did not apply (this rank's
-        last step was lost with a peer) wait again to be applied; how many."""
+    def drop_held(self) -> None:
+        self.held = {}
+
+    def reconcile_held(self) -> int:
+        """After taking another rank's state (its `applied`): the held jobs that state did not apply
+        (this rank's last step was lost with a peer) wait again to be applied; the others keep the
+        ack that state gives them. How many went back."""
         lost = [key for key in self.held if key not in self.applied]
-        self.put_back([self.held.pop(key)[1] for key in lost])
+        self.put_back([self.held.pop(key)[1] for key in lost])  # type: ignore[misc]  # a group's held jobs keep their rows
+        for key, (_, job) in self.held.items():
+            self.held[key] = (self.applied[key], job)
         return len(lost)
 
     def applied_blob(self) -> bytes:

@@ -135,6 +135,10 @@ class Worker(Stoppable):
         self.epoch = ""
         if self.group is not None:  # the broker forms a new generation with us once we are registered
             self.group.leave()
+            # Held jobs go too: the broker re-queues them (or their nodes re-send them) to whichever rank
+            # it chooses, which acknowledges them from the group's memory or applies them; kept here,
+            # one could be put back and applied by this rank as well.
+            self.batcher.drop_held()
         self.sock = dealer(self.ctx, self.config.broker, self.limits.max_frame_bytes, self.keys)
         self.send(
             wire.encode(
@@ -165,7 +169,8 @@ class Worker(Stoppable):
         hb = self.config.heartbeat
         if now >= self.next_heartbeat:
             rank = self.group.rank if self.group is not None else None
-            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step, "rows": self.party.rows_applied, "rank": rank}))
+            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step, "rows": self.party.rows_applied, "rank": rank,
+                                                      "durable": bool(self.config.checkpoint)}))
             self.next_heartbeat = now + hb.interval
         if now - self.last_heard > hb.interval * hb.liveness:
             log.warning("broker silent for %.1f s: reconnecting", now - self.last_heard)
@@ -240,11 +245,11 @@ class Worker(Stoppable):
             self.epoch = epoch
 
     def on_relayed(self, env: dict, frames: list[zmq.Frame]) -> None:
-        """A rank in a live generation of the trainer group ignores relays (the group keeps its
-        ranks identical); between generations, e.g. when it registers after a lone trainer has
-        trained, it takes a newer version like any worker, and the next generation starts from
-        the most advanced rank."""
-        if self.group is None or self.group.collective is None:
+        """A member of the trainer group takes a relay only while it has no history of its own (a
+        fresh worker registering where an earlier run left a relayed version, e.g. in the broker's
+        --state): the group keeps its ranks identical, and a rank with a history keeps its memory of
+        applied jobs consistent with its model. The next generation starts from the most advanced."""
+        if self.group is None or (self.group.collective is None and self.party.step == 0 and not self.batcher.applied):
             self.relay.on_relayed(env, frames)
 
     def on_group(self, env: dict, frames: list[zmq.Frame]) -> None:
@@ -335,7 +340,7 @@ class Worker(Stoppable):
                 self.reply_error(env, ProtocolError(ErrorCode.REFUSED, outcome.refused[i], env["job"]))
                 continue
             ack = wire.encode("ack", job=env["job"], client=env["client"], step=self.party.step, loss=float(outcome.loss))
-            self.batcher.remember(env, ack, hold=hold, msg=msg)
+            self.batcher.remember(env, ack, hold=hold, msg=msg if self.group is not None else None)  # rows kept only to re-apply
             if not hold:
                 self.send(ack)
         if outcome.loss is None:  # every job was refused: no step was taken
