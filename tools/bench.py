@@ -552,7 +552,10 @@ def allreduce(model: str = "paper", size: int = 128, ranks: int = 2, repeats: in
 
 
 def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after: float = 15.0) -> dict:
-    """A probe client trains (one 4-row job at a time) through the group; the last rank is SIGKILLed."""
+    """A probe client trains through the group with 2 × n 4-row jobs in flight (so that every rank
+    holds some); the last rank is SIGKILLed. Two times from the death: to the group's next
+    acknowledged step (the survivors re-formed), and to the answer of the last job that was in
+    flight then (the dead rank's jobs come back only when the broker declares it dead)."""
     import os
     import signal
 
@@ -566,15 +569,18 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
     rng = np.random.default_rng(0)
     link = BrokerLink(front, {"client": "probe", "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
                       HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer("probe", "node")))
-    acks: list[tuple[float, int]] = []
+    acks: list[tuple[float, int, str]] = []
     sent = 0
+
+    def heard(timeout: float) -> None:
+        acks.extend((time.monotonic(), r.env["step"], r.env["job"]) for r in link.poll(timeout) if r.env["type"] == "ack")
 
     def work(seconds: float) -> None:
         nonlocal sent
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            acks.extend((time.monotonic(), r.env["step"]) for r in link.poll(0.01) if r.env["type"] == "ack")
-            if not link.outstanding:
+            heard(0.01)
+            while len(link.outstanding) < 2 * n:
                 sent += 1
                 blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
                                        "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
@@ -582,16 +588,18 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
 
     link.connect()
     work(before)
-    killed = time.monotonic()
+    killed, in_flight = time.monotonic(), set(link.outstanding)
     os.kill(fleet.procs[f"worker{n - 1}"].pid, signal.SIGKILL)
     fleet.procs.pop(f"worker{n - 1}").wait()
     work(after)
     end = time.monotonic() + 30
     while link.outstanding and time.monotonic() < end:
-        acks.extend((time.monotonic(), r.env["step"]) for r in link.poll(0.05) if r.env["type"] == "ack")
-    last_step = max(step for t, step in acks if t < killed)
-    first = min(t for t, step in acks if t > killed and step > last_step)
-    return {"death_to_next_step_s": round(first - killed, 2), "probe_jobs": sent, "probe_acked": len(acks), "unanswered": len(link.outstanding)}
+        heard(0.05)
+    last_step = max(step for t, step, _ in acks if t < killed)
+    first = min(t for t, step, _ in acks if t > killed and step > last_step)
+    last_of_those = max(t for t, _, job in acks if job in in_flight)
+    return {"death_to_next_step_s": round(first - killed, 2), "death_to_last_in_flight_answered_s": round(last_of_those - killed, 2),
+            "probe_jobs": sent, "probe_acked": len(acks), "unanswered": len(link.outstanding)}
 
 
 if __name__ == "__main__":
