@@ -11,6 +11,7 @@ the group from the ranks that reported, and the jobs of the step go back to the 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -26,8 +27,9 @@ log = logging.getLogger("collafuse.worker")
 class GroupMember:
     """This worker's place in the trainer group: the generation it is in (or none) and the next one announced."""
 
-    def __init__(self, config: WorkerConfig, party: ServerParty, batcher: TrainBatcher) -> None:
+    def __init__(self, config: WorkerConfig, party: ServerParty, batcher: TrainBatcher, keep_alive: Callable[[], None] = lambda: None) -> None:
         self.party, self.batcher = party, batcher
+        self.keep_alive = keep_alive  # heartbeats the broker between a join's phases, each of which may wait a timeout
         self.timeout = config.group_timeout
         self.host = StoreHost(config.group, config.group_timeout)
         self.collective: Collective | None = None
@@ -69,6 +71,7 @@ class GroupMember:
         assert env is not None
         self.generation = env["id"]
         collective = Collective(env["id"], env["rank"], env["world"], env["store"], self.timeout, self.host)
+        self.keep_alive()
         self.sync(collective)
         self.collective = collective
         log.info("trainer group %s: rank %d of %d, at step %d", env["id"], env["rank"], env["world"], self.party.step)
@@ -83,6 +86,7 @@ class GroupMember:
         later generation does not hold)."""
         steps = [int(blob) for blob in collective.gather_bytes(str(self.party.step).encode())]
         root = steps.index(max(steps))
+        self.keep_alive()
         if collective.world == 1:
             return
         mine = b""

@@ -89,7 +89,7 @@ class Worker(Stoppable):
             if config.group_timeout >= deadline:  # a rank waiting in a collective sends no heartbeats
                 raise ValueError(f"--group-timeout {config.group_timeout:g} s must be below the heartbeat deadline "
                                  f"(interval × liveness = {deadline:g} s), or a rank waiting for a slow peer is declared dead")
-        self.group = GroupMember(config, self.party, self.batcher) if config.group else None
+        self.group = GroupMember(config, self.party, self.batcher, self.heartbeat) if config.group else None
         if config.group and split_address(config.group)[0] in LOOPBACK and not any(h in config.broker for h in LOOPBACK):
             log.warning("--group %s is reachable from this machine only, the broker at %s is not: trainers on other machines "
                         "cannot reach this one, and every generation with them will fail", config.group, config.broker)
@@ -164,14 +164,19 @@ class Worker(Stoppable):
     def reply_error(self, env: dict, exc: ProtocolError) -> None:
         self.send(wire.encode("error", job=env.get("job", ""), client=env.get("client", ""), code=exc.code, reason=exc.reason))
 
+    def heartbeat(self) -> None:
+        """Heartbeat the broker when due (with this worker's counters)."""
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            rank = self.group.rank if self.group is not None else None
+            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step,
+                                                      "rows": self.party.rows_applied, "rank": rank, "durable": bool(self.config.checkpoint)}))
+            self.next_heartbeat = now + self.config.heartbeat.interval
+
     def keep_alive(self, now: float) -> None:
         """Heartbeat the broker when due; reconnect when it has been silent too long."""
         hb = self.config.heartbeat
-        if now >= self.next_heartbeat:
-            rank = self.group.rank if self.group is not None else None
-            self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step, "rows": self.party.rows_applied, "rank": rank,
-                                                      "durable": bool(self.config.checkpoint)}))
-            self.next_heartbeat = now + hb.interval
+        self.heartbeat()
         if now - self.last_heard > hb.interval * hb.liveness:
             log.warning("broker silent for %.1f s: reconnecting", now - self.last_heard)
             self.connect()
