@@ -247,3 +247,31 @@ def test_a_lone_trainer_and_a_trainer_group_do_not_mix(fleet):
     time.sleep(0.3)
     workers = {w["name"]: w for w in _status(front)["workers"]}
     assert workers["late"]["credit"]["train"] == 0 and workers["member"]["credit"]["train"] == 8
+
+
+def test_only_a_worker_holding_the_latest_acknowledged_step_becomes_the_trainer(fleet):
+    """A durable trainer acknowledges step 3 and leaves. A trainer that registers afterwards is
+    made the trainer only once its heartbeat reports a model at step 3 or later: before, the job
+    waits (a fresh worker would lose the acknowledged steps and number steps again)."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200")
+    old = RawWorker(back, "old")
+    old.ready()
+    old.send(wire.encode("heartbeat", stats={"step": 0, "durable": True}))
+    time.sleep(0.3)
+    node = RawClient(front, "n")
+    node.hello()
+    node.train("a")
+    env, _ = old.next_job()
+    old.send(wire.encode("ack", job="a", client="n", step=3, loss=0.5))
+    assert node.recv()[0]["type"] == "ack"
+    old.send(wire.encode("bye"))
+    fresh = RawWorker(back, "fresh")
+    fresh.ready()
+    fresh.send(wire.encode("heartbeat", stats={"step": 0, "durable": True}))
+    time.sleep(0.3)
+    node.train("b")
+    with pytest.raises(TimeoutError):
+        fresh.next_job(timeout=1.0)  # step 0 < 3: not the trainer
+    fresh.send(wire.encode("heartbeat", stats={"step": 3, "durable": True}))  # e.g. it loaded the trainer's checkpoint
+    env, _ = fresh.next_job(timeout=5.0)
+    assert env["job"] == "b" and [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["fresh"]
