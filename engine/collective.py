@@ -94,7 +94,8 @@ class Collective:
         self.group.allgather([sizes], [size]).wait()
         longest = max(int(s) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8)
-        mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else mine[:0]
+        if blob:
+            mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         everyone = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
         self.group.allgather([everyone], [mine]).wait()
         return [bytes(t[: int(s)].numpy()) for t, s in zip(everyone, sizes)]

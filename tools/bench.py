@@ -383,7 +383,7 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
     import numpy as np
 
     from collafuse.common.config import HeartbeatConfig, ProtocolLimits
-    from collafuse.protocol import tensors, wire
+    from collafuse.protocol import wire
     from collafuse.protocol.link import BrokerLink
     from collafuse.protocol.security import PeerKeys
     from collafuse.system.demo import start_server_side
@@ -403,9 +403,7 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
             sent[name] += 1
             job = f"{name}-{sent[name]}"
             if name == "trainer":
-                blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
-                                       "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
-                links[name].submit(job, "train", [wire.encode("train", job=job, client=name, rows=4, t_c=60), blob])
+                links[name].submit(job, "train", _train_frames(rng, job, name))
             else:
                 links[name].submit(job, "denoise", [wire.encode("denoise", job=job, client=name, count=1, t_c=60, seed=sent[name],
                                                                 first_row=0, sampler="ddim", steps=10, eta=0.0)])
@@ -551,6 +549,17 @@ def allreduce(model: str = "paper", size: int = 128, ranks: int = 2, repeats: in
                            "ranks": ranks, "median_ms": round(ms, 1), "gb_per_s_per_rank": round(2 * (ranks - 1) / ranks * params * 4 / ms / 1e6, 2)}))
 
 
+def _train_frames(rng, job: str, client: str) -> list[bytes]:
+    """A valid 4-row train job at 32×32 with t_c = 60 (the probes' jobs)."""
+    import numpy as np
+
+    from collafuse.protocol import tensors, wire
+
+    blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
+                           "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
+    return [wire.encode("train", job=job, client=client, rows=4, t_c=60), blob]
+
+
 def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after: float = 15.0) -> dict:
     """A probe client trains through the group with 2 × n 4-row jobs in flight (so that every rank
     holds some); the last rank is SIGKILLed. Two times from the death: to the group's next
@@ -562,7 +571,6 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
     import numpy as np
 
     from collafuse.common.config import HeartbeatConfig, ProtocolLimits
-    from collafuse.protocol import tensors, wire
     from collafuse.protocol.link import BrokerLink
     from collafuse.protocol.security import PeerKeys
 
@@ -582,9 +590,7 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
             heard(0.01)
             while len(link.outstanding) < 2 * n:
                 sent += 1
-                blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
-                                       "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
-                link.submit(f"probe-{sent}", "train", [wire.encode("train", job=f"probe-{sent}", client="probe", rows=4, t_c=60), blob])
+                link.submit(f"probe-{sent}", "train", _train_frames(rng, f"probe-{sent}", "probe"))
 
     link.connect()
     work(before)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
-
 from collafuse.common.config import WorkerConfig
 from collafuse.engine.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from collafuse.engine.collective import Collective, StoreHost
@@ -91,17 +89,16 @@ class GroupMember:
             return
         mine = b""
         if collective.rank == root:
-            applied = torch.frombuffer(bytearray(self.batcher.applied_blob()), dtype=torch.uint8)
             mine = checkpoint_bytes(self.party.model, self.party.optimizer,
-                                    {"step": self.party.step, "rows": self.party.rows_applied, "losses": list(self.party.accepted_losses)}, {"applied": applied})
+                                    {"step": self.party.step, "rows": self.party.rows_applied, "losses": list(self.party.accepted_losses)},
+                                    {"applied": self.batcher.applied_tensor()})
         blob = collective.broadcast_bytes(mine, root)
         if collective.rank != root:
             meta, extra = load_checkpoint_bytes(blob, self.party.model, self.party.optimizer, self.party.device)
             self.party.step, self.party.rows_applied = int(meta["step"]), int(meta["rows"])
             self.party.accepted_losses.clear()
             self.party.accepted_losses.extend(meta["losses"])
-            self.batcher.applied.clear()
-            self.batcher.restore(extra["applied"].numpy().tobytes())
+            self.batcher.restore(extra["applied"])
             lost = self.batcher.reconcile_held()
             if lost:
                 log.warning("trainer group %s: %d jobs of a step the group does not hold wait to be applied again", collective.generation, lost)

@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 
 import msgpack
+import torch
 
 from collafuse.diffusion.split import ServerMessage
 
@@ -107,12 +108,15 @@ class TrainBatcher:
             self.held[key] = (self.applied[key], job)
         return len(lost)
 
-    def applied_blob(self) -> bytes:
-        """The remembered acks, for the checkpoint (msgpack: [[client, job, ack], ...])."""
-        return msgpack.packb([[client, job, ack] for (client, job), ack in self.applied.items()], use_bin_type=True)
+    def applied_tensor(self) -> torch.Tensor:
+        """The remembered acks as a checkpoint's tensor (uint8 bytes of msgpack: [[client, job, ack], ...])."""
+        blob = msgpack.packb([[client, job, ack] for (client, job), ack in self.applied.items()], use_bin_type=True)
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
-    def restore(self, blob: bytes) -> None:
-        for client, job, ack in msgpack.unpackb(blob, raw=False):
+    def restore(self, saved: torch.Tensor) -> None:
+        """The remembered acks from `applied_tensor`'s output, in place of the current ones."""
+        self.applied.clear()
+        for client, job, ack in msgpack.unpackb(saved.numpy().tobytes(), raw=False):
             self.applied[(client, job)] = ack
 
     def put_back(self, jobs: list[Pending]) -> None:

@@ -39,7 +39,7 @@ from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
 from collafuse.protocol.sockets import dealer, drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
-from collafuse.engine.collective import Collective, CollectiveFailed, split_address
+from collafuse.engine.collective import Collective, CollectiveFailed
 from collafuse.worker.group import GroupMember
 from collafuse.worker.relay import WeightRelay
 from collafuse.worker.training import TrainBatcher, row_count
@@ -84,13 +84,12 @@ class Worker(Stoppable):
         if config.group:
             if not config.trainer:
                 raise ValueError("a worker in the trainer group must train (--group with --no-train)")
-            split_address(config.group)
             deadline = config.heartbeat.interval * config.heartbeat.liveness
             if config.group_timeout >= deadline:  # a rank waiting in a collective sends no heartbeats
                 raise ValueError(f"--group-timeout {config.group_timeout:g} s must be below the heartbeat deadline "
                                  f"(interval × liveness = {deadline:g} s), or a rank waiting for a slow peer is declared dead")
         self.group = GroupMember(config, self.party, self.batcher, self.heartbeat) if config.group else None
-        if config.group and split_address(config.group)[0] in LOOPBACK and not any(h in config.broker for h in LOOPBACK):
+        if self.group is not None and self.group.host.host in LOOPBACK and not any(h in config.broker for h in LOOPBACK):
             log.warning("--group %s is reachable from this machine only, the broker at %s is not: trainers on other machines "
                         "cannot reach this one, and every generation with them will fail", config.group, config.broker)
         if config.checkpoint and Path(config.checkpoint).is_file():
@@ -98,7 +97,7 @@ class Worker(Stoppable):
             self.party.step, self.party.rows_applied = int(meta.get("step", 0)), int(meta.get("rows", 0))
             applied = load_extra(config.checkpoint).get("applied")
             if applied is not None:
-                self.batcher.restore(applied.numpy().tobytes())
+                self.batcher.restore(applied)
             log.info("resumed the server model from %s at step %d (%d applied jobs remembered)", config.checkpoint, self.party.step,
                      len(self.batcher.applied))
         elif config.trainer and not config.checkpoint:
@@ -397,9 +396,8 @@ class Worker(Stoppable):
         """Weights, optimiser, step and the acks of applied jobs (so that a restarted trainer answers a
         job it contains instead of applying it again) in one atomic file; then the held acks, whose
         steps it now contains, go out: an ack is sent only once its update survives this process."""
-        applied = torch.frombuffer(bytearray(self.batcher.applied_blob()), dtype=torch.uint8)
-        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer, {"step": self.party.step, "rows": self.party.rows_applied, "model": self.config.model},
-                        {"applied": applied})
+        save_checkpoint(self.config.checkpoint, self.party.model, self.party.optimizer,
+                        {"step": self.party.step, "rows": self.party.rows_applied, "model": self.config.model}, {"applied": self.batcher.applied_tensor()})
         self.last_checkpoint_step = self.party.step
         log.debug("checkpoint at step %d: %s", self.party.step, self.config.checkpoint)
         if self.checkpoint_makes_durable():
