@@ -141,6 +141,14 @@ def worker(
     cuda_graphs: Optional[bool] = typer.Option(
         WorkerConfig.cuda_graphs, "--cuda-graphs/--no-cuda-graphs", show_default="on for CUDA devices",
         help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
+    compiled: Optional[bool] = typer.Option(
+        WorkerConfig.compile, "--compile/--no-compile", show_default="on for CUDA devices",
+        help="Compile the server model with torch.compile (inductor): the denoising forward, inside the CUDA-graph buckets, and "
+             "the training step. It compiles at start, before the worker registers, and logs what it compiled and how long it took."),
+    compile_cache: str = typer.Option(
+        WorkerConfig.compile_cache, "--compile-cache", metavar="DIR",
+        help="Keep the compiled artifacts in DIR and reuse them at the next start (a warm start takes seconds, a cold one minutes). "
+             "Default: torch's own folder under the system's temporary directory."),
     seed: int = typer.Option(WorkerConfig.seed, "--seed", help="Seed of the initial server weights (when no checkpoint)."),
     energy_report: str = typer.Option(WorkerConfig.energy_report, "--energy-report", help="Write the energy per phase (codecarbon, offline) to this JSON file at shutdown."),
     group: str = typer.Option(
@@ -158,7 +166,8 @@ def worker(
     config = WorkerConfig(
         broker=broker, keys=conn.folder(), name=name, device=served.device, model=served.model, image_size=served.image_size, max_batch=served.max_batch,
         queue_rows=queue_rows, trainer=train, max_train_rows=max_train_rows, train_wait=train_wait, sync_every=sync_every,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, durable_wait=durable_wait, bf16=bf16, cuda_graphs=cuda_graphs, energy_report=energy_report,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, durable_wait=durable_wait, bf16=bf16, cuda_graphs=cuda_graphs, compile=compiled,
+        compile_cache=compile_cache, energy_report=energy_report,
         seed=seed, group=group, group_timeout=group_timeout, heartbeat=conn.heartbeat(), train=TrainConfig(learning_rate=lr),
         limits=conn.limits(max_frame_bytes),
     )
@@ -166,7 +175,7 @@ def worker(
         w = Worker(config)
     w.install_signal_handlers()
     typer.echo(f"worker {name}: {served.model} model on {w.device}, max batch {served.max_batch}, broker {broker}", err=True)
-    w.run()
+    w.run(say=lambda line: typer.echo(f"worker {name}: {line}", err=True))
     typer.echo(f"worker {name}: stopped after {w.party.step} optimiser steps", err=True)
 
 

@@ -2,7 +2,7 @@
 
 Eager, a small U-Net is launch-bound: hundreds of short kernels per call, and whenever the host
 waits for the device (a job's rows coming back) the next call starts from an empty queue. A graph
-replays the whole forward with one launch. Graph shapes are static, so a pool of n rows runs in the
+replays the whole forward with one launch (eager or compiled, engine/compiled.py). Graph shapes are static, so a pool of n rows runs in the
 smallest bucket ≥ n (powers of two, and the sampler's max batch), padded. The parameters are read
 in place at every replay, so an optimiser step or new weights from the trainer take effect at once.
 """
@@ -16,17 +16,23 @@ import torch
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, t_c) → ε̂
 
 
-def buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, … below max_batch, then max_batch: padding never doubles a full pool's work."""
-    return sorted({1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch} | {max_batch})
+# A compiled forward's smallest bucket: its graph has a dynamic batch, which dynamo specialises for
+# batch 1 (a second compilation); on a GPU eight rows of a small U-Net cost about what one does.
+COMPILED_SMALLEST_BUCKET = 8
+
+
+def buckets(max_batch: int, smallest: int = 1) -> list[int]:
+    """smallest, 2·smallest, 4·smallest, … below max_batch, then max_batch: padding never doubles a
+    full pool's work."""
+    return sorted({smallest << k for k in range(max_batch.bit_length()) if smallest << k < max_batch} | {max_batch})
 
 
 class GraphedForward:
-    def __init__(self, forward: Forward, image_shape: tuple[int, ...], max_batch: int, device: torch.device) -> None:
+    def __init__(self, forward: Forward, image_shape: tuple[int, ...], max_batch: int, device: torch.device, smallest: int = 1) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.forward, self.image_shape, self.device = forward, image_shape, device
-        self.buckets = buckets(max_batch)
+        self.buckets = buckets(max_batch, smallest)
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -45,6 +51,13 @@ class GraphedForward:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.forward(x, t, t_c)
         return graph, x, t, t_c, out
+
+    def warm(self) -> None:
+        """Capture every bucket now (a compiled forward compiles at the first), not at the first pool
+        of each size: a capture inside the serving loop would stall every job and the heartbeats."""
+        for size in self.buckets:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
         """ε̂ for the first n rows; a view of the graph's output, valid until the next call."""

@@ -18,7 +18,8 @@ import torch
 
 from collafuse.common.config import DiffusionConfig, SamplerConfig, TrainConfig
 from collafuse.engine.collective import Collective
-from collafuse.engine.graphs import Forward, GraphedForward
+from collafuse.engine.compiled import CompileReport, Compiled, timed
+from collafuse.engine.graphs import COMPILED_SMALLEST_BUCKET, Forward, GraphedForward
 from collafuse.diffusion.models import build_unet
 from collafuse.engine.optim import apply_loss
 from collafuse.engine.sampler import BatchedSampler, SampleJob
@@ -65,6 +66,7 @@ class ServerParty:
         autocast_bf16: bool = False,
         seed: int = 0,
         cuda_graphs: bool = False,
+        compile: bool = False,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
         self.scheduler = Scheduler(diffusion)
@@ -77,6 +79,10 @@ class ServerParty:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this server model is on {self.device}")
         self.cuda_graphs = cuda_graphs
+        # Compiled (engine/compiled.py): the denoising forward and the training forward (and its backward).
+        self.compiled = compile
+        self._compiled_eps = Compiled(self.eps) if compile else None
+        self._compiled_model = Compiled(self.model) if compile else None
         self._graphed: dict[int, GraphedForward] = {}
         self.step = 0
         self.rows_applied = 0  # rows in every step taken (all ranks of a group): a job applied twice shows here
@@ -105,9 +111,16 @@ class ServerParty:
         accepted messages' owners, sizes and losses are shared, so that every rank weighs rows as
         one trainer with the union would, and the gradients are summed: the ranks step as one.
         `tags` (msgpack-able, one per message) travel along; the outcome lists the other ranks'."""
+        self.model.train()
+        try:
+            return self._train_step(messages, owners, group, tags)
+        finally:
+            self.model.eval()  # denoising always sees eval mode (a compiled forward is specialised to one)
+
+    def _train_step(self, messages: list[ServerMessage], owners: list[str] | None, group: Collective | None,
+                    tags: list[Any] | None) -> TrainOutcome:
         owners = owners or ["" for _ in messages]
         tags = tags or [None for _ in messages]
-        self.model.train()
         sizes = [m.t.shape[0] for m in messages]
         per_row = self._row_losses(messages) if messages else None
         message_loss = torch.stack([chunk.mean() for chunk in per_row.detach().split(sizes)]).tolist() if per_row is not None else []
@@ -147,20 +160,66 @@ class ServerParty:
             torch.cat([m.t_c for m in messages]),
             torch.cat([m.eps for m in messages]).to(self.device),
         )
+        model = self._compiled_model or self.model
         with self._autocast():
-            return row_losses(self.model, merged).float()
+            return row_losses(model, merged).float()
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             return self.model(x, t, class_labels=t_c).sample
 
+    def _denoise_forward(self, x: torch.Tensor, t: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
+        return (self._compiled_eps or self.eps)(x, t, t_c)
+
     def denoiser(self, max_batch: int) -> Forward:
-        """The forward that sampling calls: eager, or replayed CUDA graphs (`cuda_graphs`)."""
+        """The forward that sampling calls: eager or compiled, or either replayed as CUDA graphs
+        (`cuda_graphs`; a compiled forward's buckets start at COMPILED_SMALLEST_BUCKET rows)."""
         if not self.cuda_graphs:
-            return self.eps
+            return self._denoise_forward
         if max_batch not in self._graphed:
-            self._graphed[max_batch] = GraphedForward(self.eps, self.image_shape, max_batch, self.device)
+            smallest = COMPILED_SMALLEST_BUCKET if self.compiled else 1
+            self._graphed[max_batch] = GraphedForward(self._denoise_forward, self.image_shape, max_batch, self.device, smallest)
         return self._graphed[max_batch]
+
+    def warm_up(self, max_batch: int, train_rows: int = 0) -> list[CompileReport]:
+        """Compile and capture now what serving will run (every denoising bucket; with `train_rows`,
+        the training forward and backward for up to that many rows), so that no job waits minutes for
+        it and a serving loop never stalls its heartbeats; after, a shape not compiled runs eagerly.
+        The dummy training pass's gradients are discarded: the weights are unchanged."""
+        reports = []
+        compiled = [c for c in (self._compiled_eps, self._compiled_model) if c is not None]
+        for c in compiled:
+            c.settle(False)
+        self.model.eval()
+        if self.cuda_graphs:
+            graphed = self.denoiser(max_batch)
+            assert isinstance(graphed, GraphedForward)
+            what = f"denoising forward{' compiled' if self.compiled else ''}, CUDA graphs for batches {graphed.buckets}"
+            reports.append(timed(what, graphed.warm, self.device))
+        elif self._compiled_eps is not None:
+            reports.append(timed("denoising forward compiled", lambda: self._warm_denoising(max_batch), self.device))
+        if train_rows and self._compiled_model is not None:
+            reports.append(timed(f"training forward and backward compiled, up to {train_rows} rows", lambda: self._warm_training(train_rows),
+                                 self.device))
+        for c in compiled:
+            c.settle()
+        return reports
+
+    @torch.no_grad()
+    def _warm_denoising(self, max_batch: int) -> None:
+        for n in sorted({2, max(2, max_batch)}):
+            t = torch.ones(n, dtype=torch.int64, device=self.device)
+            self._denoise_forward(torch.zeros((n, *self.image_shape), device=self.device), t, t - 1)
+
+    def _warm_training(self, train_rows: int) -> None:
+        self.model.train()
+        try:
+            for n in sorted({2, max(2, train_rows)}):
+                t = torch.ones(n, dtype=torch.int64)
+                self._row_losses([ServerMessage(torch.zeros((n, *self.image_shape)), t, t - 1, torch.zeros((n, *self.image_shape)))]).sum().backward()
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.eval()
 
     def sampler(self, max_batch: int) -> BatchedSampler:
         self.model.eval()

@@ -19,6 +19,10 @@ from collafuse.protocol.security import PeerKeys
 from collafuse.system.keyring import Keyring
 from collafuse.system.launch import Fleet, cli, free_port, wait_for
 
+# Seconds to wait for the workers to register: a worker compiles its model before it registers,
+# minutes on a GPU machine whose compile cache is cold (a worker that exits ends the wait at once).
+REGISTER_WAIT = 900.0
+
 
 def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state: Path | None, keyring: Keyring, trainers: int = 1) -> tuple[str, str]:
     """A broker and `workers` workers, of which the first `trainers` offer to train (with trainer
@@ -40,7 +44,13 @@ def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state:
         if not trains:
             args.append("--no-train")
         fleet.start(f"worker{i}", cli(*args))
-    wait_for(lambda: len(_status(frontend, admin).get("workers", [])) >= workers, 120, what="the workers to register")
+    def registered() -> bool:
+        for i in range(workers):
+            if not fleet.alive(f"worker{i}"):
+                raise RuntimeError(f"worker{i} exited before it registered:\n{fleet.tail(f'worker{i}')}")
+        return len(_status(frontend, admin).get("workers", [])) >= workers
+
+    wait_for(registered, REGISTER_WAIT, what="the workers to register")
     if trainers > 1:
         wait_for(lambda: _status(frontend, admin).get("trainer_group", {}).get("world") == trainers, 120, what="the trainer group to form")
     return frontend, backend

@@ -65,3 +65,37 @@ def test_graphed_denoising_follows_the_trainers_optimiser_steps():
         with torch.no_grad():
             assert torch.allclose(graphed(x, t, tc), party.eps(x, t, tc), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(graphed(x, t, tc), before, atol=1e-3)  # the steps changed the output
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_graphed_forward_equals_eager_at_every_bucket_and_follows_the_weights(bf16):
+    """The compiled forward, captured in the buckets, against the eager forward; then the weights
+    change in place (an optimiser step, a relay's load) and the next replay sees them."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    from collafuse.diffusion.split import ServerMessage, row_losses
+
+    party = ServerParty((1, 32, 32), "tiny", device="cuda", autocast_bf16=bf16, cuda_graphs=True, compile=True)
+    reports = party.warm_up(64)
+    graphed = party.denoiser(64)
+    assert graphed.buckets == [8, 16, 32, 64] and "compiled" in reports[0].what
+    tol = 5e-2 if bf16 else 1e-3
+
+    def same(n: int) -> None:
+        x = torch.randn(n, 1, 32, 32, device="cuda")
+        t, tc = torch.randint(41, 101, (n,), device="cuda"), torch.full((n,), 40, device="cuda")
+        with torch.no_grad():
+            assert torch.allclose(graphed(x, t, tc).float(), party.eps(x, t, tc).float(), atol=tol, rtol=tol), n
+
+    for n in (1, 5, 8, 9, 16, 31, 32, 64):  # every bucket, full and padded
+        same(n)
+    party.model.train()
+    with party._autocast():
+        loss = row_losses(party.model, ServerMessage(torch.randn(16, 1, 32, 32, device="cuda"), torch.randint(41, 101, (16,)),
+                                                     torch.full((16,), 40), torch.randn(16, 1, 32, 32, device="cuda"))).float().mean()
+    loss.backward()
+    party.optimizer.step()  # in place
+    party.model.eval()
+    same(8)
+    party.model.load_state_dict({k: v * 0.5 for k, v in party.model.state_dict().items()})  # in place, as a relay loads weights
+    same(64)

@@ -23,109 +23,155 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def raw_forward_rate(
-    model_name: str, size: int, batch: int, device_name: str, bf16: bool, seconds: float = 5.0, cuda_graphs: bool = False
-) -> float:
-    """Image-steps/s of the bare server model: one forward per iteration at a fixed batch (the same
-    forward the sampler calls: eager, or a replayed CUDA graph)."""
-    import torch
-
+def _party(model: str, size: int, device: str, bf16: bool, cuda_graphs: bool = False, compile: bool = False):
     from collafuse.diffusion.models import resolve_device
     from collafuse.engine.server import ServerParty
 
-    device = resolve_device(device_name)
-    party = ServerParty((1, size, size), model_name, device=device, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
+    return ServerParty((1, size, size), model, device=resolve_device(device), autocast_bf16=bf16, cuda_graphs=cuda_graphs, compile=compile)
+
+
+def forward_rate(party, batch: int, seconds: float = 5.0) -> float:
+    """Image-steps/s of the bare server model: one forward per iteration at a fixed batch (the same
+    forward the sampler calls: eager or compiled, or either replayed as a CUDA graph)."""
+    import torch
+
     party.model.eval()
     forward = party.denoiser(batch)
-    x = torch.randn(batch, 1, size, size, device=device)
-    t = torch.randint(61, 101, (batch,), device=device)
-    tc = torch.full((batch,), 60, device=device)
+    x = torch.randn(batch, 1, *party.image_shape[1:], device=party.device)
+    t = torch.randint(61, 101, (batch,), device=party.device)
+    tc = torch.full((batch,), 60, device=party.device)
     with torch.no_grad():
         for _ in range(3):
             forward(x, t, tc)
-        _sync(device)
+        _sync(party.device)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             forward(x, t, tc)
             n += 1
-        _sync(device)
+        _sync(party.device)
     return n * batch / (time.perf_counter() - start)
+
+
+def raw_forward_rate(
+    model_name: str, size: int, batch: int, device_name: str, bf16: bool, seconds: float = 5.0, cuda_graphs: bool = False,
+    compile: bool = False,
+) -> float:
+    """forward_rate of a fresh server model (compiled: from the cache that an earlier compile left)."""
+    party = _party(model_name, size, device_name, bf16, cuda_graphs, compile)
+    party.warm_up(batch)
+    return forward_rate(party, batch, seconds)
+
+
+def _largest_difference(a, b, batch: int) -> float:
+    """max |ε̂_a − ε̂_b| over one random batch (the two parties hold the same weights)."""
+    import torch
+
+    x = torch.randn(batch, 1, *a.image_shape[1:], device=a.device)
+    t = torch.randint(61, 101, (batch,), device=a.device)
+    tc = torch.full((batch,), 60, device=a.device)
+    with torch.no_grad():
+        return float((a.denoiser(batch)(x, t, tc).float() - b.denoiser(batch)(x, t, tc).float()).abs().max())
 
 
 @app.command()
 def raw(
     model: str = "paper", size: int = 128, batch: str = "1,64,256", device: str = "auto", bf16: bool = False, seconds: float = 5.0,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = False, compile: bool = False,
 ) -> None:
-    """The raw model forward rate per batch size (image-steps/s)."""
+    """The raw model forward rate per batch size (image-steps/s). With --compile, the compiled
+    forward beside the same forward eager, measured eager, compiled, eager again (the ratio is to the
+    faster eager figure), with the compile time and the largest difference of their outputs."""
+    eager = _party(model, size, device, bf16, cuda_graphs)
+    compiled = _party(model, size, device, bf16, cuda_graphs, compile=True) if compile else None
     for b in (int(x) for x in batch.split(",")):
-        rate = raw_forward_rate(model, size, b, device, bf16, seconds, cuda_graphs)
-        typer.echo(json.dumps({"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16, "cuda_graphs": cuda_graphs,
-                               "image_steps_per_s": round(rate, 1)}))
+        eager.warm_up(b)
+        rate = forward_rate(eager, b, seconds)
+        row = {"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16, "cuda_graphs": cuda_graphs,
+               "image_steps_per_s": round(rate, 1)}
+        if compiled is not None:
+            reports = compiled.warm_up(b)
+            fast = forward_rate(compiled, b, seconds)
+            rate = max(rate, forward_rate(eager, b, seconds))
+            row.update({"image_steps_per_s": round(rate, 1), "compiled_image_steps_per_s": round(fast, 1), "ratio": round(fast / rate, 2),
+                        "compile_s": round(sum(r.seconds for r in reports), 1), "compile": [r.line() for r in reports],
+                        "max_abs_diff": float(f"{_largest_difference(eager, compiled, b):.3g}")})
+        typer.echo(json.dumps(row))
 
 
 @app.command()
 def sampler(
     model: str = "paper", size: int = 128, max_batch: int = 64, jobs: int = 64, rows: int = 4, t_c: int = 0, device: str = "auto",
-    bf16: bool = False, cuda_graphs: bool = False,
+    bf16: bool = False, cuda_graphs: bool = False, compile: bool = False,
 ) -> None:
     """The in-process continuous-batching sampler (what `simulate` and the worker run) against the raw model."""
     from collafuse.common.config import SamplerConfig
-    from collafuse.diffusion.models import resolve_device
-    from collafuse.engine.server import ServerParty
 
-    dev = resolve_device(device)
-    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16, cuda_graphs=cuda_graphs)
+    party = _party(model, size, device, bf16, cuda_graphs, compile)
+    party.warm_up(max_batch)
     engine = party.sampler(max_batch)
     cfg = SamplerConfig()
     engine.run([party.denoise_job("warm", max_batch, 90, 0, cfg)])
-    _sync(dev)
+    _sync(party.device)
     start, before = time.perf_counter(), engine.rows_processed
     engine.run([party.denoise_job(f"j{i}", rows, t_c, i, cfg) for i in range(jobs)])
-    _sync(dev)
+    _sync(party.device)
     rate = (engine.rows_processed - before) / (time.perf_counter() - start)
-    raw_rate = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
+    raw_rate = forward_rate(party, max_batch)
     typer.echo(json.dumps({"what": "in_process_sampler", "model": model, "size": size, "bf16": bf16, "cuda_graphs": cuda_graphs,
-                           "max_batch": max_batch,
+                           "compile": compile, "max_batch": max_batch,
                            "image_steps_per_s": round(rate, 1), "raw_image_steps_per_s": round(raw_rate, 1),
                            "ratio_to_raw": round(rate / raw_rate, 3)}))
 
 
 @app.command()
-def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 20, device: str = "auto", bf16: bool = False) -> None:
-    """Server optimiser steps on merged rows: images/s."""
+def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 20, device: str = "auto", bf16: bool = False,
+          compile: bool = False) -> None:
+    """Server optimiser steps on merged rows: images/s. With --compile, the compiled step beside the
+    eager one in the same run (with the compile time and both steps' losses)."""
     import torch
 
     from collafuse.common.config import DiffusionConfig
-    from collafuse.diffusion.models import resolve_device
     from collafuse.diffusion.schedule import Scheduler
     from collafuse.diffusion.split import server_message
-    from collafuse.engine.server import ServerParty
 
-    dev = resolve_device(device)
-    party = ServerParty((1, size, size), model, device=dev, autocast_bf16=bf16)
     msg = server_message(Scheduler(DiffusionConfig()), torch.randn(batch, 1, size, size), 60, torch.Generator().manual_seed(0))
-    for _ in range(3):
-        party.train_step([msg])
-    _sync(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        party.train_step([msg])
-    _sync(dev)
-    per_step = (time.perf_counter() - start) / steps
-    typer.echo(json.dumps({"what": "server_train", "model": model, "size": size, "batch": batch, "bf16": bf16,
-                           "step_s": round(per_step, 4), "images_per_s": round(batch / per_step, 1)}))
+
+    def images_per_s(party) -> tuple[float, float]:
+        for _ in range(3):
+            party.train_step([msg])
+        _sync(party.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = party.train_step([msg]).loss
+        _sync(party.device)
+        return batch * steps / (time.perf_counter() - start), loss
+
+    rate, loss = images_per_s(_party(model, size, device, bf16))
+    out = {"what": "server_train", "model": model, "size": size, "batch": batch, "bf16": bf16, "step_s": round(batch / rate, 4),
+           "images_per_s": round(rate, 1)}
+    if compile:
+        party = _party(model, size, device, bf16, compile=True)
+        reports = party.warm_up(batch, train_rows=batch)
+        fast, fast_loss = images_per_s(party)
+        out.update({"compiled_images_per_s": round(fast, 1), "ratio": round(fast / rate, 2),
+                    "compile_s": round(sum(r.seconds for r in reports if "training" in r.what), 1),
+                    "last_loss_eager_compiled": [round(loss, 5), round(fast_loss, 5)]})
+    typer.echo(json.dumps(out))
 
 
 @app.command()
 def system(
     model: str = "paper", size: int = 128, max_batch: int = 64, clients: int = 64, rows: int = 4, duration: float = 20.0,
     device: str = "auto", bf16: bool = False, ddim_steps: int = 100, single: bool = True, logs: Path = Path("/tmp/collafuse-bench"),
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = False, compile: bool = False,
 ) -> None:
-    """Denoising through the broker (one worker, many clients) against the raw model at the same batch,
-    and (with --single) the same worker serving one row at a time: the batching gain. With
-    --cuda-graphs the worker and the raw figure both replay graphs; the eager raw rate is given too."""
+    """Denoising through the broker (one denoising worker, many clients) against the raw model at the
+    same batch, and (with --single) the same worker serving one row at a time: the batching gain.
+    With --cuda-graphs and --compile the worker and the raw figure both replay graphs or run compiled;
+    the raw rate without them is given too. The CPU share of the broker, the worker and the load
+    generator during the load says which of them limits it (1.0 = one core busy all the time)."""
+    import psutil
+
     from collafuse.system.demo import start_server_side
     from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
@@ -135,32 +181,83 @@ def system(
         fleet = Fleet(logs / f"b{batch}")
         keyring = Keyring(logs / f"b{batch}" / "keys")
         try:
-            args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch)]
-            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []) + ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"], None, keyring)
+            args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(batch), "--queue-rows", str(batch),
+                    "--no-train", "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs", "--compile" if compile else "--no-compile"]
+            front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []), None, keyring)
             load = dict(broker=front, clients=n_clients, image_size=size, rows=n_rows, ddim_steps=ddim_steps,
                         keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
             run_load(LoadConfig(**load, duration=3, drain=60), say=lambda _: None)
-            return run_load(LoadConfig(**load, duration=duration, drain=120), say=lambda _: None)
+            procs = {"broker": psutil.Process(fleet.procs["broker"].pid), "worker": psutil.Process(fleet.procs["worker0"].pid),
+                     "load_generator": psutil.Process()}
+            before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+            start = time.monotonic()
+            result = run_load(LoadConfig(**load, duration=duration, drain=120), say=lambda _: None)
+            wall = time.monotonic() - start
+            result["cpu_share"] = {name: round((sum(p.cpu_times()[:2]) - before[name]) / wall, 2) for name, p in procs.items()}
+            return result
         finally:
             fleet.stop_all()
 
-    raw_before = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
+    raw_before = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs, compile=compile)
     batched = through_broker(max_batch, clients, rows)
-    raw_after = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs)
+    raw_after = raw_forward_rate(model, size, max_batch, device, bf16, cuda_graphs=cuda_graphs, compile=compile)
     raw_rate = max(raw_before, raw_after)  # a GPU's clocks drift between runs: compare with the faster raw figure
-    out = {"what": "system_denoise", "model": model, "size": size, "bf16": bf16, "cuda_graphs": cuda_graphs, "max_batch": max_batch,
-           "clients": clients,
-           "rows_per_job": rows, "raw_image_steps_per_s": round(raw_rate, 1),
-           "raw_before_after": [round(raw_before, 1), round(raw_after, 1)], "broker_image_steps_per_s": batched["image_steps_per_s"],
-           "ratio_to_raw": round(batched["image_steps_per_s"] / raw_rate, 3), "mean_batch_fill": batched["mean_batch_fill"],
-           "latency_ms": batched["latency_ms"], "lost": batched["lost"]}
-    if cuda_graphs:
-        eager = raw_forward_rate(model, size, max_batch, device, bf16)
-        out.update({"raw_eager_image_steps_per_s": round(eager, 1), "ratio_to_raw_eager": round(batched["image_steps_per_s"] / eager, 3)})
+    out = {"what": "system_denoise", "model": model, "size": size, "bf16": bf16, "cuda_graphs": cuda_graphs, "compile": compile,
+           "max_batch": max_batch, "clients": clients, "rows_per_job": rows, "ddim_steps": ddim_steps,
+           "raw_image_steps_per_s": round(raw_rate, 1), "raw_before_after": [round(raw_before, 1), round(raw_after, 1)],
+           "broker_image_steps_per_s": batched["image_steps_per_s"], "ratio_to_raw": round(batched["image_steps_per_s"] / raw_rate, 3),
+           "jobs_per_s": batched.get("jobs_per_s"), "mean_batch_fill": batched["mean_batch_fill"], "latency_ms": batched["latency_ms"],
+           "lost": batched["lost"], "cpu_share": batched["cpu_share"]}
+    if cuda_graphs or compile:
+        plain = raw_forward_rate(model, size, max_batch, device, bf16)
+        out.update({"raw_eager_image_steps_per_s": round(plain, 1), "ratio_to_raw_eager": round(batched["image_steps_per_s"] / plain, 3)})
     if single:
         one = through_broker(1, 1, 1)
         out.update({"one_at_a_time_image_steps_per_s": one["image_steps_per_s"],
                     "batching_gain": round(batched["image_steps_per_s"] / max(one["image_steps_per_s"], 1e-9), 1)})
+    typer.echo(json.dumps(out))
+
+
+@app.command()
+def start(model: str = "paper", size: int = 128, device: str = "auto", bf16: bool = False, max_batch: int = 64, train: bool = True,
+          cache: Path = Path("/tmp/collafuse-bench-start/compile-cache"), logs: Path = Path("/tmp/collafuse-bench-start")) -> None:
+    """A compiled worker's start to its first served denoise job: first with an empty compile cache
+    (cold: CACHE is emptied first), then with the cache the first start left (warm). With --train the
+    worker compiles its training step too, as a trainer does. The worker's log lines about compiling
+    are given."""
+    import shutil
+
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol import wire
+    from collafuse.protocol.link import BrokerLink
+    from collafuse.protocol.security import PeerKeys
+    from collafuse.system.demo import start_server_side
+    from collafuse.system.keyring import Keyring
+    from collafuse.system.launch import Fleet
+
+    shutil.rmtree(cache, ignore_errors=True)
+    out: dict = {"what": "worker_start", "model": model, "size": size, "bf16": bf16, "max_batch": max_batch, "train": train}
+    for label in ("cold", "warm"):
+        fleet, keyring = Fleet(logs / label), Keyring(logs / label / "keys")
+        args = ["--model", model, "--image-size", str(size), "--device", device, "--max-batch", str(max_batch), "--compile",
+                "--compile-cache", str(cache), *(["--bf16"] if bf16 else []), *([] if train else ["--no-train"])]
+        try:
+            began = time.monotonic()
+            front, _ = start_server_side(fleet, 1, args, None, keyring)
+            registered = time.monotonic() - began
+            link = BrokerLink(front, {"client": "probe", "t_c": 60, "image_shape": [1, size, size], "levels": 100}, ProtocolLimits(),
+                              HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer("probe", "node")))
+            link.connect()
+            link.submit("first", "denoise", [wire.encode("denoise", job="first", client="probe", count=1, t_c=60, seed=0, first_row=0,
+                                                         sampler="ddim", steps=10, eta=0.0)])
+            replies = []
+            while not replies and time.monotonic() - began < 1800:
+                replies = link.poll(0.05)
+            out[label] = {"to_registered_s": round(registered, 1), "to_first_job_s": round(time.monotonic() - began, 1),
+                          "reply": replies[0].env["type"] if replies else "none",
+                          "log": [line for line in fleet.tail("worker0", 40).splitlines() if "compil" in line]}
+        finally:
+            fleet.stop_all()
     typer.echo(json.dumps(out))
 
 

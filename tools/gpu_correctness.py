@@ -25,6 +25,10 @@ b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]  # rows retir
 graphed = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
 graphed.model.load_state_dict(cpu.model.state_dict())
 g = graphed.sampler(4).run([graphed.denoise_job("j", 6, 40, 3, cfg)])["j"]  # buckets 4 and 2
+compiled = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True, compile=True)
+compiled.model.load_state_dict(cpu.model.state_dict())
+compiled.warm_up(16)
+c = compiled.sampler(16).run([compiled.denoise_job("j", 6, 40, 3, cfg)])["j"]  # bucket 8, padded
 msg = server_message(Scheduler(), torch.randn(16, 1, 32, 32), 40, torch.Generator().manual_seed(0))
 loss_cpu, loss_gpu = cpu.train_step([msg]).loss, gpu.train_step([msg]).loss
 data = torch.rand(64, 1, 32, 32) * 2 - 1
@@ -33,5 +37,6 @@ client_losses = [c.train_local(c.batch().x0) for c in clients]
 print(json.dumps({"what": "cuda_correctness", "noise_max_abs_diff_cpu_gpu": noise_diff,
                   "sample_max_abs_diff": float((a - b).abs().max()), "sample_scale": float(a.abs().max()),
                   "graphed_sample_max_abs_diff": float((a - g).abs().max()),
+                  "compiled_graphed_sample_max_abs_diff": float((a - c).abs().max()),
                   "train_loss_cpu": round(loss_cpu, 6), "train_loss_gpu": round(loss_gpu, 6),
                   "client_loss_cpu": round(client_losses[0], 6), "client_loss_gpu": round(client_losses[1], 6)}))

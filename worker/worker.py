@@ -33,6 +33,7 @@ from collafuse.common.lifecycle import Stoppable
 from collafuse.diffusion.models import resolve_device
 from collafuse.diffusion.split import ServerMessage
 from collafuse.engine.checkpoint import load_checkpoint, load_extra, save_checkpoint
+from collafuse.engine.compiled import use_cache
 from collafuse.engine.sampler import SampleJob
 from collafuse.engine.server import ServerParty
 from collafuse.protocol import tensors, wire
@@ -76,9 +77,12 @@ class Worker(Stoppable):
         self.limits = config.limits
         self.shape = (config.channels, config.image_size, config.image_size)
         self.device = resolve_device(config.device)
+        on_cuda = self.device.type == "cuda"
+        compiled = on_cuda if config.compile is None else config.compile
+        self.compile_cache = use_cache(config.compile_cache) if compiled else None
         self.party = ServerParty(
             self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train, self.device, config.bf16, seed=config.seed,
-            cuda_graphs=self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs,
+            cuda_graphs=on_cuda if config.cuda_graphs is None else config.cuda_graphs, compile=compiled,
         )
         self.batcher = TrainBatcher(config.max_train_rows, config.train_wait)
         if config.group:
@@ -153,8 +157,8 @@ class Worker(Stoppable):
             )
         )
         self.last_heard = time.monotonic()
-        log.info("connected to %s as %s (%s, denoising %s)", self.config.broker, self.config.name, self.device,
-                 "with CUDA graphs" if self.party.cuda_graphs else "eager")
+        log.info("connected to %s as %s (%s, denoising %s%s)", self.config.broker, self.config.name, self.device,
+                 "compiled" if self.party.compiled else "eager", ", with CUDA graphs" if self.party.cuda_graphs else "")
 
     def send(self, *frames: bytes) -> None:
         assert self.sock is not None
@@ -181,7 +185,18 @@ class Worker(Stoppable):
             self.connect()
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run(self) -> None:
+    def warm_up(self, say: Callable[[str], None]) -> None:
+        """Compile and capture everything serving runs before registering, so that the broker sends
+        no job to a worker that would stall for minutes (and miss its heartbeats)."""
+        if self.party.compiled:
+            say(f"compiling the {self.config.model} model for {self.device} (artifacts in {self.compile_cache}; "
+                f"a cold start takes minutes, a warm one seconds)")
+        for report in self.party.warm_up(self.config.max_batch, self.config.max_train_rows if self.config.trainer else 0):
+            say(report.line())
+
+    def run(self, say: Callable[[str], None] = log.info) -> None:
+        """Warm up (its progress to `say`), register, serve until stopped."""
+        self.warm_up(say)
         self.connect()
         idle_poll_ms = int(self.config.heartbeat.interval * 1000 / IDLE_POLLS_PER_HEARTBEAT)
         while not self.stopping:
