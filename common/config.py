@@ -219,7 +219,8 @@ class WorkerConfig(PeerConfig):
     durable_wait: float = 1.0  # with a checkpoint, seconds an ack may wait for the checkpoint that makes its step durable
     bf16: bool = False
     cuda_graphs: bool | None = None  # replay the denoising forward as CUDA graphs; None: on when the device is CUDA
-    compile: bool | None = None  # compile the server model with inductor (engine/compiled.py); None: on when the device is CUDA
+    compile: bool | None = None  # compile the denoising forward with inductor (engine/compiled.py); None: on when the device is CUDA
+    compile_train: bool = False  # compile the training step too (equal to eager on the CPU; its speed on a GPU is not measured yet)
     compile_cache: str = ""  # folder for the compiled artifacts, reused at the next start ('' = torch's default under the temp folder)
     energy_report: str = ""  # where to write the worker's energy per phase at shutdown ('' = nowhere)
     seed: int = 0  # of the initial server weights (when no checkpoint)

@@ -1,8 +1,9 @@
 """The server model compiled with inductor (`torch.compile`), and where its artifacts are kept.
 
-Eager, the U-Net's many small kernels leave most of a GPU idle; inductor fuses them (2.5–2.8 × on an
-H100, issue 13). Compilation is slow (about a minute per graph on a GPU machine, more on a small
-CPU), so it happens once, at start, for every shape that will be served, and its artifacts (FX
+Eager, the U-Net's many small kernels leave most of a GPU idle; inductor fuses them (the `paper`
+U-Net's forward 1.9–2.0 × faster at batch 64–256 on an H200, BENCHMARKS.md). Compilation is slow
+(about 50 s per graph on a GPU machine, more on a small CPU), so it happens once, at start, for every
+shape that will be served, and its artifacts (FX
 graphs, AOT-autograd graphs, Triton kernels) persist in a cache folder: a restarted worker reuses
 them and starts in seconds. The batch dimension is compiled dynamic, so a few graphs serve every
 bucket and every training batch; batch 1 is a shape of its own (dynamo specialises sizes 0 and 1),

@@ -138,12 +138,14 @@ class BatchedSampler:
             self.bases = torch.cat([self.bases, *new_bases])
             self.etas = torch.cat([self.etas, *new_etas])
 
-    def _index(self, positions: list[int]) -> torch.Tensor:
-        """Row positions as a device index, copied without waiting for the device."""
-        return torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
+    def _upload(self, values: list) -> torch.Tensor:
+        """Host integers as a device tensor, copied without waiting for the device: on a GPU through
+        pinned memory, since a copy from pageable memory may wait for the stream to drain (the GPU's
+        queue would empty once per iteration, and the host's bookkeeping would show as idle GPU)."""
+        return torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
 
     def _keep(self, keep: list[int]) -> None:
-        index = self._index(keep)
+        index = self._upload(keep)
         self.rows = [self.rows[i] for i in keep]
         self.x, self.keys, self.streams = self.x[index], self.keys[index], self.streams[index]
         self.bases, self.etas = self.bases[index], self.etas[index]
@@ -155,8 +157,7 @@ class BatchedSampler:
         self._admit()
         if not self.rows:
             return finished + self._deliver(wait=True)  # nothing left to overlap the copies with
-        levels = torch.tensor([[r.job.path[r.pos] for r in self.rows], [r.job.path[r.pos + 1] for r in self.rows]], dtype=torch.int64)
-        t, s = levels.to(self.device, non_blocking=True)  # one small copy per iteration
+        t, s = self._upload([[r.job.path[r.pos] for r in self.rows], [r.job.path[r.pos + 1] for r in self.rows]])  # one small copy
         if any(r.job.eta > 0 for r in self.rows):
             noise = row_noise(self.keys, s, self.image_shape, stream=self.streams)
         else:
@@ -176,7 +177,7 @@ class BatchedSampler:
         return finished + self._deliver(wait=False)
 
     def _send_home(self, retire: list[int]) -> None:
-        x = self.x[self._index(retire)]
+        x = self.x[self._upload(retire)]
         copied = None
         if x.device.type == "cuda":
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)

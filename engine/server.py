@@ -67,6 +67,7 @@ class ServerParty:
         seed: int = 0,
         cuda_graphs: bool = False,
         compile: bool = False,
+        compile_train: bool = False,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
         self.scheduler = Scheduler(diffusion)
@@ -79,10 +80,11 @@ class ServerParty:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this server model is on {self.device}")
         self.cuda_graphs = cuda_graphs
-        # Compiled (engine/compiled.py): the denoising forward and the training forward (and its backward).
+        # Compiled (engine/compiled.py): the denoising forward (`compile`), the training forward and its
+        # backward (`compile_train`).
         self.compiled = compile
         self._compiled_eps = Compiled(self.eps) if compile else None
-        self._compiled_model = Compiled(self.model) if compile else None
+        self._compiled_model = Compiled(self.model) if compile_train else None
         self._graphed: dict[int, GraphedForward] = {}
         self.step = 0
         self.rows_applied = 0  # rows in every step taken (all ranks of a group): a job applied twice shows here

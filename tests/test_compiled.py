@@ -28,7 +28,7 @@ def _message(rows: int, seed: int) -> ServerMessage:
 
 def test_compiled_server_model_equals_eager_follows_the_weights_and_never_compiles_once_warm():
     eager = ServerParty((1, 32, 32), "tiny")
-    compiled = ServerParty((1, 32, 32), "tiny", compile=True)  # same seed: same weights
+    compiled = ServerParty((1, 32, 32), "tiny", compile=True, compile_train=True)  # same seed: same weights
     reports = compiled.warm_up(8, train_rows=8)
     assert [r.what.split(",")[0] for r in reports] == ["denoising forward compiled", "training forward and backward compiled"]
     forward = compiled.denoiser(8)

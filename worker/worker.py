@@ -79,10 +79,11 @@ class Worker(Stoppable):
         self.device = resolve_device(config.device)
         on_cuda = self.device.type == "cuda"
         compiled = on_cuda if config.compile is None else config.compile
-        self.compile_cache = use_cache(config.compile_cache) if compiled else None
+        self.compile_cache = use_cache(config.compile_cache) if compiled or config.compile_train else None
         self.party = ServerParty(
             self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train, self.device, config.bf16, seed=config.seed,
             cuda_graphs=on_cuda if config.cuda_graphs is None else config.cuda_graphs, compile=compiled,
+            compile_train=config.compile_train and config.trainer,
         )
         self.batcher = TrainBatcher(config.max_train_rows, config.train_wait)
         if config.group:
@@ -188,7 +189,7 @@ class Worker(Stoppable):
     def warm_up(self, say: Callable[[str], None]) -> None:
         """Compile and capture everything serving runs before registering, so that the broker sends
         no job to a worker that would stall for minutes (and miss its heartbeats)."""
-        if self.party.compiled:
+        if self.compile_cache is not None:
             say(f"compiling the {self.config.model} model for {self.device} (artifacts in {self.compile_cache}; "
                 f"a cold start takes minutes, a warm one seconds)")
         for report in self.party.warm_up(self.config.max_batch, self.config.max_train_rows if self.config.trainer else 0):
