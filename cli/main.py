@@ -143,8 +143,9 @@ def worker(
         help="Replay the denoising forward as CUDA graphs, one per batch-size bucket (CUDA only; a small model is launch-bound without)."),
     compiled: Optional[bool] = typer.Option(
         WorkerConfig.compile, "--compile/--no-compile", show_default="on for CUDA devices",
-        help="Compile the denoising forward with torch.compile (inductor), inside the CUDA-graph buckets. The worker compiles at "
-             "start, before it registers, and says what it compiled and how long it took."),
+        help="Compile the denoising forward with torch.compile (inductor), captured in the CUDA-graph buckets when those are on. "
+             "The worker compiles at start, before it registers, and says what it compiled and how long it took; a model that "
+             "fails to compile is served eagerly."),
     compile_train: bool = typer.Option(
         WorkerConfig.compile_train, "--compile-train/--no-compile-train",
         help="A trainer compiles its training step (forward and backward) too, at start. Equal to eager; not yet measured to pay on a GPU."),
@@ -252,7 +253,7 @@ def up(
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    except TimeoutError as exc:
+    except (TimeoutError, RuntimeError) as exc:  # a worker that never registered, or exited first
         fail(f"{exc}; see {fleet.logs}")
     finally:
         fleet.stop_all()
@@ -300,7 +301,8 @@ def demo(
 def loadtest(
     served: ServerModel,
     clients: int = typer.Option(LoadConfig.clients, "--clients", min=1, help="Simulated clients (many per process and per socket)."),
-    duration: float = typer.Option(LoadConfig.duration, "--duration", min=0.1, help="Seconds of load; then outstanding jobs get --drain seconds."),
+    duration: float = typer.Option(LoadConfig.duration, "--duration", min=0.1, help="Seconds of load that are counted; then outstanding jobs get --drain seconds."),
+    warmup: float = typer.Option(LoadConfig.warmup, "--warmup", min=0.0, help="Seconds of load before the counted window opens, so that the pipeline is full at both of its ends (throughput and latency count only the window's replies)."),
     mode: str = typer.Option(LoadConfig.mode, "--mode", help="denoise, train or mixed."),
     broker: str = typer.Option(LoadConfig.broker, "--broker", help="A running broker's frontend; empty: start a broker and a worker here."),
     rows: int = typer.Option(LoadConfig.rows, "--rows", min=1, help="Images per job."),
@@ -338,17 +340,18 @@ def loadtest(
             node_keys = key_folder(keys, insecure)
             admin_folder = str(admin_keys) if admin_keys else ""
         result = run_load(
-            LoadConfig(broker=broker, clients=clients, duration=duration, mode=mode, image_size=served.image_size, rows=rows,
+            LoadConfig(broker=broker, clients=clients, duration=duration, warmup=warmup, mode=mode, image_size=served.image_size, rows=rows,
                        ddim_steps=ddim_steps, drain=drain, keys=node_keys, admin_keys=admin_folder),
             say=lambda line: typer.echo(line, err=True),
         )
-    except (ValueError, TimeoutError) as exc:
+    except (ValueError, TimeoutError, RuntimeError) as exc:
         fail(str(exc))
     finally:
         if fleet is not None:
             fleet.stop_all()
     lat = result["latency_ms"]
-    typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s: {result['completed_in_window']} jobs in the window "
+    typer.echo(f"{result['clients']} clients, {result['mode']}, {result['duration_s']} s after {result['warmup_s']} s of warm-up: "
+               f"{result['completed_in_window']} jobs in the window "
                f"({result['jobs_per_s']} jobs/s, {result['image_steps_per_s']} image-steps/s), {result['completed']} with the drain")
     fill = result["mean_batch_fill"]
     typer.echo(f"latency p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms;  "

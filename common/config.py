@@ -310,7 +310,10 @@ class LoadConfig:
 
     broker: str = ""  # a running broker's frontend ('' in the CLI: start a broker and a worker)
     clients: int = 64
-    duration: float = 10.0  # seconds of load
+    duration: float = 10.0  # seconds of load that are counted
+    # Seconds of load before the counted window: the pipeline is full when it opens, so that the work
+    # in flight at its start (counted) offsets the work in flight at its end (not counted).
+    warmup: float = 0.0
     mode: str = "denoise"  # denoise | train | mixed
     image_size: int = 32
     rows: int = 1  # images per job

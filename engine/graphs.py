@@ -22,8 +22,8 @@ COMPILED_SMALLEST_BUCKET = 8
 
 
 def buckets(max_batch: int, smallest: int = 1) -> list[int]:
-    """smallest, 2·smallest, 4·smallest, … below max_batch, then max_batch: padding never doubles a
-    full pool's work."""
+    """smallest, 2·smallest, 4·smallest, … below max_batch, then max_batch (only max_batch when
+    smallest ≥ max_batch): padding never doubles a full pool's work."""
     return sorted({smallest << k for k in range(max_batch.bit_length()) if smallest << k < max_batch} | {max_batch})
 
 

@@ -183,6 +183,12 @@ class ServerParty:
             self._graphed[max_batch] = GraphedForward(self._denoise_forward, self.image_shape, max_batch, self.device, smallest)
         return self._graphed[max_batch]
 
+    def uncompile(self) -> None:
+        """Serve and train eagerly from now on (a compilation failed); drops the graphs captured so far."""
+        self.compiled = False
+        self._compiled_eps = self._compiled_model = None
+        self._graphed.clear()
+
     def warm_up(self, max_batch: int, train_rows: int = 0) -> list[CompileReport]:
         """Compile and capture now what serving will run (every denoising bucket; with `train_rows`,
         the training forward and backward for up to that many rows), so that no job waits minutes for
@@ -196,9 +202,10 @@ class ServerParty:
         if self.cuda_graphs:
             graphed = self.denoiser(max_batch)
             assert isinstance(graphed, GraphedForward)
-            what = f"denoising forward{' compiled' if self.compiled else ''}, CUDA graphs for batches {graphed.buckets}"
+            compiled_buckets = self.compiled and graphed.buckets[-1] > 1  # batch 1 is never compiled
+            what = f"denoising forward{' compiled' if compiled_buckets else ''}, CUDA graphs for batches {graphed.buckets}"
             reports.append(timed(what, graphed.warm, self.device))
-        elif self._compiled_eps is not None:
+        elif self._compiled_eps is not None and max_batch > 1:
             reports.append(timed("denoising forward compiled", lambda: self._warm_denoising(max_batch), self.device))
         if train_rows and self._compiled_model is not None:
             reports.append(timed(f"training forward and backward compiled, up to {train_rows} rows", lambda: self._warm_training(train_rows),
@@ -209,7 +216,7 @@ class ServerParty:
 
     @torch.no_grad()
     def _warm_denoising(self, max_batch: int) -> None:
-        for n in sorted({2, max(2, max_batch)}):
+        for n in sorted({2, max_batch}):
             t = torch.ones(n, dtype=torch.int64, device=self.device)
             self._denoise_forward(torch.zeros((n, *self.image_shape), device=self.device), t, t - 1)
 

@@ -31,6 +31,9 @@ def test_compiled_server_model_equals_eager_follows_the_weights_and_never_compil
     compiled = ServerParty((1, 32, 32), "tiny", compile=True, compile_train=True)  # same seed: same weights
     reports = compiled.warm_up(8, train_rows=8)
     assert [r.what.split(",")[0] for r in reports] == ["denoising forward compiled", "training forward and backward compiled"]
+    parts = (compiled._compiled_eps, compiled._compiled_model)
+    for part in parts:  # every call below must run compiled code: a shape the warm-up missed raises instead of running eagerly
+        part.stance = "fail_on_recompile"
     forward = compiled.denoiser(8)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -46,6 +49,8 @@ def test_compiled_server_model_equals_eager_follows_the_weights_and_never_compil
         assert torch.allclose(forward(x, t, tc), compiled.eps(x, t, tc), atol=1e-4, rtol=1e-4)  # after the optimiser's steps
         compiled.model.load_state_dict({k: v * 0.5 for k, v in compiled.model.state_dict().items()})  # as a relay loads weights
         assert torch.allclose(forward(x, t, tc), compiled.eps(x, t, tc), atol=1e-4, rtol=1e-4)
+    for part in parts:
+        part.settle()
     graphs = counters["stats"]["unique_graphs"]
     out = forward(x, t, tc)  # with gradients (the warm-up compiled without): runs eagerly, no compilation in serving
     assert out.requires_grad and counters["stats"]["unique_graphs"] == graphs
@@ -59,7 +64,7 @@ def test_a_compiled_worker_serves_the_reference_result_and_starts_warm_from_its_
     expected = reference.sampler(8).run([reference.denoise_job("j", 3, 60, 7, sampler)])["j"].numpy()
     logs = []
     for run in ("cold", "warm"):
-        start_worker(fleet, back, front, run, "--no-train", "--compile", "--compile-cache", str(cache), "--max-batch", "8")
+        start_worker(fleet, back, front, run, "--no-train", "--compile", "--compile-cache", str(cache), "--max-batch", "8", timeout=600)
         client = RawClient(front, f"client-{run}")
         try:
             client.hello()
@@ -77,3 +82,21 @@ def test_a_compiled_worker_serves_the_reference_result_and_starts_warm_from_its_
     assert "denoising forward compiled:" in cold and "(cold: 0 graphs from the cache" in cold
     assert "denoising forward compiled:" in warm and "compiled now" in warm and "(warm:" in warm and ", 0 compiled now)" in warm
     assert any(cache.rglob("*")), "the cache folder holds the artifacts"
+
+
+def test_a_worker_whose_model_fails_to_compile_serves_it_eagerly(fleet, tmp_path, monkeypatch):  # noqa: F811
+    """No C++ compiler for inductor's CPU kernels: the worker says so and serves the eager model."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    front, back = start_broker(fleet)
+    start_worker(fleet, back, front, "w", "--no-train", "--compile", "--compile-cache", str(tmp_path / "cache"), "--max-batch", "8",
+                 timeout=600)
+    client = RawClient(front, "client")
+    try:
+        client.hello()
+        client.denoise("job", count=2, t_c=60, steps=10, seed=7)
+        env, _ = client.recv(timeout=60)
+    finally:
+        client.close()
+    assert env["type"] == "result", env
+    log = (fleet.logs / "w.log").read_text()
+    assert "compiling failed" in log and "serving the eager model" in log and "Traceback" not in log

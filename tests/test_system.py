@@ -49,10 +49,10 @@ def _status(front: str):
         return None
 
 
-def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str) -> None:
-    """A worker with a trainer key of its own name."""
+def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str, timeout: float = 120) -> None:
+    """A worker with a trainer key of its own name (`timeout`: for it to register)."""
     fleet.start(name, cli("worker", "--broker", back, "--name", name, "--device", "cpu", *KEYRINGS[back].args(name, "trainer"), *FAST_HB, *extra))
-    wait_for(lambda: any(w["name"] == name for w in (_status(front) or {}).get("workers", [])), 120, what=f"{name} to register")
+    wait_for(lambda: any(w["name"] == name for w in (_status(front) or {}).get("workers", [])), timeout, what=f"{name} to register")
 
 
 def node(*args: str) -> list[str]:

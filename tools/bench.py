@@ -6,6 +6,7 @@ Every figure that BENCHMARKS.md claims as a ratio is measured side by side in on
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import typer
 app = typer.Typer(
     help="CollaFuse benchmarks.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
 )
+
+
+WARMUP = 3.0  # seconds of load before a system bench's counted window (LoadConfig.warmup)
 
 
 def _sync(device) -> None:
@@ -170,7 +174,8 @@ def system(
     same batch, and (with --single) the same worker serving one row at a time: the batching gain.
     With --cuda-graphs and --compile the worker and the raw figure both replay graphs or run compiled;
     the raw rate without them is given too. The CPU share of the broker, the worker and the load
-    generator during the load says which of them limits it (1.0 = one core busy all the time)."""
+    generator during the counted window says which of them limits it (1.0 = one core busy all the
+    time; a process waiting for CUDA spins, so a GPU worker's share is high whatever it waits for)."""
     import psutil
 
     from collafuse.system.demo import start_server_side
@@ -187,15 +192,21 @@ def system(
             front, _ = start_server_side(fleet, 1, args + (["--bf16"] if bf16 else []), None, keyring)
             load = dict(broker=front, clients=n_clients, image_size=size, rows=n_rows, ddim_steps=ddim_steps,
                         keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
-            run_load(LoadConfig(**load, duration=3, drain=60), say=lambda _: None)
             procs = {"broker": psutil.Process(fleet.procs["broker"].pid), "worker": psutil.Process(fleet.procs["worker0"].pid),
                      "load_generator": psutil.Process()}
-            before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
-            start = time.monotonic()
-            result = run_load(LoadConfig(**load, duration=duration, drain=120), say=lambda _: None)
-            wall = time.monotonic() - start
-            result["cpu_share"] = {name: round((sum(p.cpu_times()[:2]) - before[name]) / wall, 2) for name, p in procs.items()}
-            return result
+            shares: dict[str, float] = {}
+
+            def sample_the_window() -> None:  # CPU seconds per second over the counted window only
+                time.sleep(WARMUP)
+                before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+                time.sleep(duration)
+                shares.update({name: round((sum(p.cpu_times()[:2]) - before[name]) / duration, 2) for name, p in procs.items()})
+
+            sampler = threading.Thread(target=sample_the_window, daemon=True)
+            sampler.start()
+            result = run_load(LoadConfig(**load, warmup=WARMUP, duration=duration, drain=120), say=lambda _: None)
+            sampler.join()
+            return {**result, "cpu_share": shares}
         finally:
             fleet.stop_all()
 
@@ -224,14 +235,11 @@ def start(model: str = "paper", size: int = 128, device: str = "auto", bf16: boo
           cache: Path = Path("/tmp/collafuse-bench-start/compile-cache"), logs: Path = Path("/tmp/collafuse-bench-start")) -> None:
     """A compiled worker's start to its first served denoise job: first with an empty compile cache
     (cold: CACHE is emptied first), then with the cache the first start left (warm). With --train the
-    worker compiles its training step too, as a trainer does. The worker's log lines about compiling
-    are given."""
+    worker is a trainer that compiles its training step too (`--compile-train`). The worker's log
+    lines about compiling are given."""
     import shutil
 
-    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
     from collafuse.protocol import wire
-    from collafuse.protocol.link import BrokerLink
-    from collafuse.protocol.security import PeerKeys
     from collafuse.system.demo import start_server_side
     from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet
@@ -246,14 +254,14 @@ def start(model: str = "paper", size: int = 128, device: str = "auto", bf16: boo
             began = time.monotonic()
             front, _ = start_server_side(fleet, 1, args, None, keyring)
             registered = time.monotonic() - began
-            link = BrokerLink(front, {"client": "probe", "t_c": 60, "image_shape": [1, size, size], "levels": 100}, ProtocolLimits(),
-                              HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer("probe", "node")))
+            link = _probe_link(front, keyring, "probe", size)
             link.connect()
             link.submit("first", "denoise", [wire.encode("denoise", job="first", client="probe", count=1, t_c=60, seed=0, first_row=0,
                                                          sampler="ddim", steps=10, eta=0.0)])
             replies = []
             while not replies and time.monotonic() - began < 1800:
                 replies = link.poll(0.05)
+            link.close()
             out[label] = {"to_registered_s": round(registered, 1), "to_first_job_s": round(time.monotonic() - began, 1),
                           "reply": replies[0].env["type"] if replies else "none",
                           "log": [line for line in fleet.tail("worker0", 40).splitlines() if "compil" in line]}
@@ -480,10 +488,7 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
 
     import numpy as np
 
-    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
     from collafuse.protocol import wire
-    from collafuse.protocol.link import BrokerLink
-    from collafuse.protocol.security import PeerKeys
     from collafuse.system.demo import start_server_side
     from collafuse.system.keyring import Keyring
     from collafuse.system.launch import Fleet, cli
@@ -492,8 +497,7 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
     rng = np.random.default_rng(0)
     try:
         front, back = start_server_side(fleet, 1, ["--device", "cpu", "--max-train-rows", "4", "--train-wait", "0"], None, keyring)
-        links = {name: BrokerLink(front, {"client": name, "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
-                                  HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer(name, "node"))) for name in ("trainer", "waiter")}
+        links = {name: _probe_link(front, keyring, name) for name in ("trainer", "waiter")}
         replies: dict[str, list[float]] = {name: [] for name in links}
         sent = dict.fromkeys(links, 0)
 
@@ -647,6 +651,16 @@ def allreduce(model: str = "paper", size: int = 128, ranks: int = 2, repeats: in
                            "ranks": ranks, "median_ms": round(ms, 1), "gb_per_s_per_rank": round(2 * (ranks - 1) / ranks * params * 4 / ms / 1e6, 2)}))
 
 
+def _probe_link(front: str, keyring, name: str, size: int = 32):
+    """A probe client's connection to the broker (t_c = 60, T = 100), with a node key of its name."""
+    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
+    from collafuse.protocol.link import BrokerLink
+    from collafuse.protocol.security import PeerKeys
+
+    return BrokerLink(front, {"client": name, "t_c": 60, "image_shape": [1, size, size], "levels": 100}, ProtocolLimits(), HeartbeatConfig(), 0.2,
+                      keys=PeerKeys.load(keyring.peer(name, "node")))
+
+
 def _train_frames(rng, job: str, client: str) -> list[bytes]:
     """A valid 4-row train job at 32×32 with t_c = 60 (the probes' jobs)."""
     import numpy as np
@@ -668,13 +682,9 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
 
     import numpy as np
 
-    from collafuse.common.config import HeartbeatConfig, ProtocolLimits
-    from collafuse.protocol.link import BrokerLink
-    from collafuse.protocol.security import PeerKeys
 
     rng = np.random.default_rng(0)
-    link = BrokerLink(front, {"client": "probe", "t_c": 60, "image_shape": [1, 32, 32], "levels": 100}, ProtocolLimits(),
-                      HeartbeatConfig(), 0.2, keys=PeerKeys.load(keyring.peer("probe", "node")))
+    link = _probe_link(front, keyring, "probe")
     acks: list[tuple[float, int, str]] = []
     sent = 0
 

@@ -51,7 +51,8 @@ def _server_steps(cfg: LoadConfig, t_c: int) -> int:
 
 @dataclass
 class Tally:
-    """What the run counts; throughput counts only the replies before the deadline."""
+    """What the run counts; throughput and latency count only the replies inside the window (after
+    the warm-up, before the deadline)."""
 
     submitted: int = 0
     completed: int = 0  # with the drain
@@ -84,7 +85,7 @@ class LoadRun:
         })
         self.epochs: dict[zmq.Socket, str] = {}  # the broker run each socket's clients said hello to
         self.rejoin_at: dict[zmq.Socket, float] = {}
-        self.deadline = 0.0
+        self.window_start = self.deadline = 0.0
 
     def hello(self, c: SimClient) -> None:
         c.sock.send(wire.encode("hello", client=c.name, t_c=self.cfg.cut_levels[0], image_shape=list(self.shape), levels=self.cfg.levels))
@@ -143,8 +144,8 @@ class LoadRun:
                 return
         else:
             t.completed += 1
-            t.latencies.append(time.monotonic() - c.sent_at)
-            if time.monotonic() <= self.deadline:
+            if self.window_start <= time.monotonic() <= self.deadline:
+                t.latencies.append(time.monotonic() - c.sent_at)
                 t.completed_in_window += 1
                 t.image_steps += c.image_steps
         c.job = None
@@ -168,13 +169,16 @@ class LoadRun:
             poller.register(sock, zmq.POLLIN)
         for c in self.clients.values():
             self.hello(c)
-        before = _worker_stats(cfg.broker, cfg.admin_keys)
+        before: dict[str, int] | None = None
         start = time.monotonic()
-        self.deadline = start + cfg.duration
+        self.window_start = start + cfg.warmup
+        self.deadline = self.window_start + cfg.duration
         next_report = start + 5
         next_heartbeat = start
         while True:
             now = time.monotonic()
+            if before is None and now >= self.window_start:
+                before = _worker_stats(cfg.broker, cfg.admin_keys)
             if now >= self.deadline and (self.outstanding() == 0 or now >= self.deadline + cfg.drain):
                 break
             if now >= next_report:
@@ -192,6 +196,7 @@ class LoadRun:
         after = _worker_stats(cfg.broker, cfg.admin_keys)
         for sock in self.sockets:
             sock.close(0)
+        assert before is not None  # the window opened before the deadline
         return self.report(before, after)
 
     def report(self, before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
@@ -202,6 +207,7 @@ class LoadRun:
             "clients": cfg.clients,
             "mode": cfg.mode,
             "duration_s": round(cfg.duration, 2),
+            "warmup_s": round(cfg.warmup, 2),
             "submitted": t.submitted,
             "completed": t.completed,
             "completed_in_window": t.completed_in_window,

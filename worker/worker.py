@@ -79,7 +79,7 @@ class Worker(Stoppable):
         self.device = resolve_device(config.device)
         on_cuda = self.device.type == "cuda"
         compiled = on_cuda if config.compile is None else config.compile
-        self.compile_cache = use_cache(config.compile_cache) if compiled or config.compile_train else None
+        self.compile_cache = use_cache(config.compile_cache) if compiled or (config.compile_train and config.trainer) else None
         self.party = ServerParty(
             self.shape, config.model, DiffusionConfig(levels=self.limits.levels), config.train, self.device, config.bf16, seed=config.seed,
             cuda_graphs=on_cuda if config.cuda_graphs is None else config.cuda_graphs, compile=compiled,
@@ -188,16 +188,31 @@ class Worker(Stoppable):
     # ---- the loop ---------------------------------------------------------------------------
     def warm_up(self, say: Callable[[str], None]) -> None:
         """Compile and capture everything serving runs before registering, so that the broker sends
-        no job to a worker that would stall for minutes (and miss its heartbeats)."""
+        no job to a worker that would stall for minutes (and miss its heartbeats). A model that fails
+        to compile (no compiler, an unsupported GPU) is served eagerly: it served before."""
         if self.compile_cache is not None:
             say(f"compiling the {self.config.model} model for {self.device} (artifacts in {self.compile_cache}; "
                 f"a cold start takes minutes, a warm one seconds)")
-        for report in self.party.warm_up(self.config.max_batch, self.config.max_train_rows if self.config.trainer else 0):
+        train_rows = self.config.max_train_rows if self.config.trainer else 0
+        try:
+            reports = self.party.warm_up(self.config.max_batch, train_rows)
+        except Exception as exc:  # noqa: BLE001 - inductor and Triton raise many kinds
+            if self.compile_cache is None:
+                raise
+            say(f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); serving the eager model")
+            self.party.uncompile()
+            self.compile_cache = None
+            reports = self.party.warm_up(self.config.max_batch, train_rows)
+        for report in reports:
             say(report.line())
 
     def run(self, say: Callable[[str], None] = log.info) -> None:
-        """Warm up (its progress to `say`), register, serve until stopped."""
+        """Warm up (its progress to `say`), register, serve until stopped (a stop asked for while
+        warming up ends the worker before it registers)."""
         self.warm_up(say)
+        if self.stopping:
+            self.shutdown()
+            return
         self.connect()
         idle_poll_ms = int(self.config.heartbeat.interval * 1000 / IDLE_POLLS_PER_HEARTBEAT)
         while not self.stopping:
