@@ -5,6 +5,9 @@ worker started with --compile that serves the reference result and starts warm f
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,8 @@ from tests.netclient import RawClient
 from tests.test_system import fleet, start_broker, start_worker  # noqa: F401 - fleet is a fixture
 
 pytestmark = pytest.mark.slow
+needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                      reason="inductor compiles CPU kernels with a C++ compiler (g++ or $CXX), not found")
 
 
 def _message(rows: int, seed: int) -> ServerMessage:
@@ -26,6 +31,7 @@ def _message(rows: int, seed: int) -> ServerMessage:
                          torch.randn(rows, 1, 32, 32, generator=g))
 
 
+@needs_a_compiler
 def test_compiled_server_model_equals_eager_follows_the_weights_and_never_compiles_once_warm():
     eager = ServerParty((1, 32, 32), "tiny")
     compiled = ServerParty((1, 32, 32), "tiny", compile=True, compile_train=True)  # same seed: same weights
@@ -56,6 +62,7 @@ def test_compiled_server_model_equals_eager_follows_the_weights_and_never_compil
     assert out.requires_grad and counters["stats"]["unique_graphs"] == graphs
 
 
+@needs_a_compiler
 def test_a_compiled_worker_serves_the_reference_result_and_starts_warm_from_its_cache(fleet, tmp_path):  # noqa: F811
     cache = tmp_path / "compile-cache"
     front, back = start_broker(fleet)
