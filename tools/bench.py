@@ -17,9 +17,6 @@ app = typer.Typer(
 )
 
 
-WARMUP = 3.0  # seconds of load before a system bench's counted window (LoadConfig.warmup)
-
-
 def _sync(device) -> None:
     import torch
 
@@ -168,7 +165,7 @@ def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 
 def system(
     model: str = "paper", size: int = 128, max_batch: int = 64, clients: int = 64, rows: int = 4, duration: float = 20.0,
     device: str = "auto", bf16: bool = False, ddim_steps: int = 100, single: bool = True, logs: Path = Path("/tmp/collafuse-bench"),
-    cuda_graphs: bool = False, compile: bool = False,
+    cuda_graphs: bool = False, compile: bool = False, warmup: float = 3.0,
 ) -> None:
     """Denoising through the broker (one denoising worker, many clients) against the raw model at the
     same batch, and (with --single) the same worker serving one row at a time: the batching gain.
@@ -197,16 +194,21 @@ def system(
             shares: dict[str, float] = {}
 
             def sample_the_window() -> None:  # CPU seconds per second over the counted window only
-                time.sleep(WARMUP)
-                before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
-                time.sleep(duration)
-                shares.update({name: round((sum(p.cpu_times()[:2]) - before[name]) / duration, 2) for name, p in procs.items()})
+                time.sleep(warmup)
+                try:
+                    before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+                    began = time.monotonic()
+                    time.sleep(duration)
+                    wall = time.monotonic() - began
+                    shares.update({name: round((sum(p.cpu_times()[:2]) - before[name]) / wall, 2) for name, p in procs.items()})
+                except psutil.Error as exc:  # a process that exited: no share, and the result says why
+                    shares["error"] = f"{type(exc).__name__}: {exc}"
 
             sampler = threading.Thread(target=sample_the_window, daemon=True)
             sampler.start()
-            result = run_load(LoadConfig(**load, warmup=WARMUP, duration=duration, drain=120), say=lambda _: None)
+            result = run_load(LoadConfig(**load, warmup=warmup, duration=duration, drain=120), say=lambda _: None)
             sampler.join()
-            return {**result, "cpu_share": shares}
+            return {**result, "cpu_share": shares, "compile_failed": "compiled model failed" in fleet.tail("worker0", 200)}
         finally:
             fleet.stop_all()
 
@@ -219,7 +221,7 @@ def system(
            "raw_image_steps_per_s": round(raw_rate, 1), "raw_before_after": [round(raw_before, 1), round(raw_after, 1)],
            "broker_image_steps_per_s": batched["image_steps_per_s"], "ratio_to_raw": round(batched["image_steps_per_s"] / raw_rate, 3),
            "jobs_per_s": batched.get("jobs_per_s"), "mean_batch_fill": batched["mean_batch_fill"], "latency_ms": batched["latency_ms"],
-           "lost": batched["lost"], "cpu_share": batched["cpu_share"]}
+           "lost": batched["lost"], "cpu_share": batched["cpu_share"], "compile_failed": batched["compile_failed"], "warmup_s": warmup}
     if cuda_graphs or compile:
         plain = raw_forward_rate(model, size, max_batch, device, bf16)
         out.update({"raw_eager_image_steps_per_s": round(plain, 1), "ratio_to_raw_eager": round(batched["image_steps_per_s"] / plain, 3)})
@@ -264,6 +266,7 @@ def start(model: str = "paper", size: int = 128, device: str = "auto", bf16: boo
             link.close()
             out[label] = {"to_registered_s": round(registered, 1), "to_first_job_s": round(time.monotonic() - began, 1),
                           "reply": replies[0].env["type"] if replies else "none",
+                          "compile_failed": "compiled model failed" in fleet.tail("worker0", 200),
                           "log": [line for line in fleet.tail("worker0", 40).splitlines() if "compil" in line]}
         finally:
             fleet.stop_all()

@@ -18,7 +18,8 @@ N=0
 step() {
   N=$((N + 1)); [ "$N" -le "${SKIP:-0}" ] && return
   local limit=$1; shift; echo "== $(date +%T) step $N ($limit s) $*"
-  timeout -k 5 "$limit" "$@" | tee >(grep '^{' >> "$J"); echo "== $(date +%T) exit ${PIPESTATUS[0]}"
+  # SIGINT, so that a bench stopped at its limit still stops the broker and workers it started
+  timeout -s INT -k 40 "$limit" "$@" | tee >(grep '^{' >> "$J"); echo "== $(date +%T) exit ${PIPESTATUS[0]}"
 }
 P="--model paper --size 128 --bf16"
 step 200 $B start $P --max-batch 256 --no-train --cache "$TORCHINDUCTOR_CACHE_DIR"

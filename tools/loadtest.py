@@ -169,7 +169,7 @@ class LoadRun:
             poller.register(sock, zmq.POLLIN)
         for c in self.clients.values():
             self.hello(c)
-        before: dict[str, int] | None = None
+        before = _worker_stats(cfg.broker, cfg.admin_keys)  # batch fill and train steps: over the whole run
         start = time.monotonic()
         self.window_start = start + cfg.warmup
         self.deadline = self.window_start + cfg.duration
@@ -177,8 +177,6 @@ class LoadRun:
         next_heartbeat = start
         while True:
             now = time.monotonic()
-            if before is None and now >= self.window_start:
-                before = _worker_stats(cfg.broker, cfg.admin_keys)
             if now >= self.deadline and (self.outstanding() == 0 or now >= self.deadline + cfg.drain):
                 break
             if now >= next_report:
@@ -196,7 +194,6 @@ class LoadRun:
         after = _worker_stats(cfg.broker, cfg.admin_keys)
         for sock in self.sockets:
             sock.close(0)
-        assert before is not None  # the window opened before the deadline
         return self.report(before, after)
 
     def report(self, before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ their own state.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -194,14 +195,21 @@ class Worker(Stoppable):
             say(f"compiling the {self.config.model} model for {self.device} (artifacts in {self.compile_cache}; "
                 f"a cold start takes minutes, a warm one seconds)")
         train_rows = self.config.max_train_rows if self.config.trainer else 0
+        failure = ""
         try:
             reports = self.party.warm_up(self.config.max_batch, train_rows)
         except Exception as exc:  # noqa: BLE001 - inductor and Triton raise many kinds
             if self.compile_cache is None:
                 raise
-            say(f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); serving the eager model")
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if failure:  # outside the except block, so that nothing holds the compiled graphs while the eager ones are captured
+            say(f"warming up the compiled model failed ({failure}); serving the eager model")
             self.party.uncompile()
+            self.engine = self.party.sampler(self.config.max_batch)  # drops the first engine's graphs
             self.compile_cache = None
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
             reports = self.party.warm_up(self.config.max_batch, train_rows)
         for report in reports:
             say(report.line())
