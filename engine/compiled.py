@@ -2,10 +2,9 @@
 
 Eager, the U-Net's many small kernels leave most of a GPU idle; inductor fuses them (the `paper`
 U-Net's forward 1.9–2.0 × faster at batch 64–256 on an H200, BENCHMARKS.md). Compilation is slow
-(about 50 s per graph on a GPU machine, more on a small CPU), so it happens once, at start, for every
-shape that will be served, and its artifacts (FX
-graphs, AOT-autograd graphs, Triton kernels) persist in a cache folder: a restarted worker reuses
-them and starts in seconds. The batch dimension is compiled dynamic, so a few graphs serve every
+(about 50 s per graph on a GPU machine, more on a small CPU), so it happens once, at start, for
+every shape that will be served, and its artifacts (FX graphs, AOT-autograd graphs, Triton kernels)
+persist in a cache folder: a restarted worker reuses them and starts in seconds. The batch dimension is compiled dynamic, so a few graphs serve every
 bucket and every training batch; batch 1 is a shape of its own (dynamo specialises sizes 0 and 1),
 which the buckets avoid and which runs eagerly.
 
@@ -38,8 +37,8 @@ def use_cache(folder: str) -> Path:
 
 class Compiled:
     """`fn` (whose tensor arguments are batches) compiled by inductor in its default mode (no CUDA
-    graphs of its own: the buckets capture them), the batch dimension dynamic. Batch 1 runs eagerly. Until
-    `settle()`, a batch size no graph covers yet is compiled (dynamo re-specialises at some sizes,
+    graphs of its own: the buckets capture them), the batch dimension dynamic. Batch 1 runs eagerly.
+    Until `settle()`, a batch size no graph covers yet is compiled (dynamo re-specialises at some sizes,
     e.g. below and above 16 rows); after, it runs eagerly: a worker compiles while it warms up, never
     for minutes inside its serving loop."""
 

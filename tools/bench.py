@@ -32,6 +32,14 @@ def _party(model: str, size: int, device: str, bf16: bool, cuda_graphs: bool = F
                        compile_train=compile_train)
 
 
+def _forward_inputs(party, batch: int):
+    """A random batch of (x_t, t, t_c) on the party's device, t_c = 60 and t above it."""
+    import torch
+
+    x = torch.randn(batch, 1, *party.image_shape[1:], device=party.device)
+    return x, torch.randint(61, 101, (batch,), device=party.device), torch.full((batch,), 60, device=party.device)
+
+
 def forward_rate(party, batch: int, seconds: float = 5.0) -> float:
     """Image-steps/s of the bare server model: one forward per iteration at a fixed batch (the same
     forward the sampler calls: eager or compiled, or either replayed as a CUDA graph)."""
@@ -39,9 +47,7 @@ def forward_rate(party, batch: int, seconds: float = 5.0) -> float:
 
     party.model.eval()
     forward = party.denoiser(batch)
-    x = torch.randn(batch, 1, *party.image_shape[1:], device=party.device)
-    t = torch.randint(61, 101, (batch,), device=party.device)
-    tc = torch.full((batch,), 60, device=party.device)
+    x, t, tc = _forward_inputs(party, batch)
     with torch.no_grad():
         for _ in range(3):
             forward(x, t, tc)
@@ -68,9 +74,7 @@ def _largest_difference(a, b, batch: int) -> float:
     """max |ε̂_a − ε̂_b| over one random batch (the two parties hold the same weights)."""
     import torch
 
-    x = torch.randn(batch, 1, *a.image_shape[1:], device=a.device)
-    t = torch.randint(61, 101, (batch,), device=a.device)
-    tc = torch.full((batch,), 60, device=a.device)
+    x, t, tc = _forward_inputs(a, batch)
     with torch.no_grad():
         return float((a.denoiser(batch)(x, t, tc).float() - b.denoiser(batch)(x, t, tc).float()).abs().max())
 
