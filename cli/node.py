@@ -60,7 +60,7 @@ def join(
         runner.install_signal_handlers()
         figures = runner.run()
     typer.echo(
-        f"{node.name}: t_c={runner.party.t_c}, sent {figures.sent} train jobs, {figures.acked} acknowledged, "
+        f"{node.name}: t_c={runner.party.cut.t_c}, sent {figures.sent} train jobs, {figures.acked} acknowledged, "
         f"{figures.skipped} skipped (window full); checkpoint in {cfg.state_dir}/"
     )
 

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 import typer
 
+from collafuse.common.cut import check_ratio
 from collafuse.common.config import DataConfig, DiffusionConfig, HeartbeatConfig, NodeConfig, PeerConfig, ProtocolLimits, WorkerConfig
 
 
@@ -49,14 +50,21 @@ def user_errors(*kinds: type[Exception]) -> Iterator[None]:
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
+    """A comma list of cut ratios, each checked by the cut's own rule."""
     try:
         ratios = tuple(float(x) for x in text.split(","))
     except ValueError:
         fail(f"cut ratios must be numbers, got {text!r}")
-    for r in ratios:
-        if not 0.0 <= r <= 1.0:
-            fail(f"cut ratio must lie in [0, 1], got {r}")
-    return ratios
+    with user_errors(ValueError):
+        return tuple(check_ratio(r) for r in ratios)
+
+
+def _one_ratio(value: float) -> float:
+    """--cut-ratio of a node, refused as a bad parameter by the cut's own rule."""
+    try:
+        return check_ratio(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def key_folder(keys: Path | None, insecure: bool) -> str:
@@ -167,7 +175,7 @@ class Node:
 
     broker: str = option(typer.Option(NodeConfig.broker, "--broker", help="The broker's frontend address."))
     name: str = option(typer.Option(..., "--name", help="This node's client name (unique per broker)."))
-    cut_ratio: float = option(typer.Option(NodeConfig.cut_ratio, "--cut-ratio", min=0.0, max=1.0, help="c in [0,1]: this node owns levels 1..round(c*T); 1 = purely local, 0 = no local model."))
+    cut_ratio: float = option(typer.Option(NodeConfig.cut_ratio, "--cut-ratio", callback=_one_ratio, help="c in [0,1]: this node owns levels 1..round(c*T); 1 = purely local, 0 = no local model."))
     shard: int = option(typer.Option(NodeConfig.shard, "--shard", min=0, help="Which client shard of the data this node holds (0-based)."))
     shards: int = option(typer.Option(NodeConfig.shards, "--shards", min=1, help="Into how many client shards the data is split."))
     image_size: int = option(typer.Option(DataConfig.image_size, "--image-size", help="32, 64 or 128; must match the server model."))

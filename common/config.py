@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collafuse.common.cut import Cut
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
@@ -19,11 +21,9 @@ class DiffusionConfig:
     max_beta: float = 0.999
     clip_sample: float = 1.0  # samplers clip x̂₀ to [-clip, clip], the data range (0: no clipping)
 
-    def cut_level(self, cut_ratio: float) -> int:
-        """t_c = round(c·T): the client owns levels 1..t_c, the server t_c+1..T."""
-        if not 0.0 <= cut_ratio <= 1.0:
-            raise ValueError(f"cut ratio must lie in [0, 1], got {cut_ratio}")
-        return int(round(cut_ratio * self.levels))
+    def cut(self, cut_ratio: float) -> Cut:
+        """The cut of ratio c on this chain: t_c = round(c·T)."""
+        return Cut.from_ratio(cut_ratio, self.levels)
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,15 @@ class SamplerConfig:
             raise ValueError("ddim_steps must be at least 1")
 
 
+def one_per_client(cut_ratios: tuple[float, ...], clients: int) -> list[float]:
+    """The cut ratio of each client: one given for all, or one given per client."""
+    if len(cut_ratios) == 1:
+        return list(cut_ratios) * clients
+    if len(cut_ratios) != clients:
+        raise ValueError(f"give one cut ratio or one per client ({clients}), got {len(cut_ratios)}")
+    return list(cut_ratios)
+
+
 @dataclass(frozen=True)
 class SimulateConfig:
     """One in-process run: every party in one process, exactly the distributed math."""
@@ -132,12 +141,7 @@ class SimulateConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def client_cut_ratios(self) -> list[float]:
-        n = self.data.clients
-        if len(self.cut_ratios) == 1:
-            return list(self.cut_ratios) * n
-        if len(self.cut_ratios) != n:
-            raise ValueError(f"give one cut ratio or one per client ({n}), got {len(self.cut_ratios)}")
-        return list(self.cut_ratios)
+        return one_per_client(self.cut_ratios, self.data.clients)
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,11 @@ class NodeConfig(PeerConfig):
     @property
     def state_dir(self) -> str:
         return self.state or f"collafuse-node-{self.name}"
+
+    @property
+    def cut(self) -> Cut:
+        """This node's cut on the chain it shares with the broker (T = limits.levels)."""
+        return Cut.from_ratio(self.cut_ratio, self.limits.levels)
 
 
 @dataclass(frozen=True)

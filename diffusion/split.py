@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from collafuse.common.cut import Cut
 from collafuse.diffusion.schedule import Scheduler
 
 
@@ -32,20 +33,20 @@ class ServerMessage:
     eps: torch.Tensor  # [B, C, H, W] float32, ε₂ relative to x_{t_c}
 
 
-def cut_image(scheduler: Scheduler, x0: torch.Tensor, t_c: int, eps1: torch.Tensor) -> torch.Tensor:
+def cut_image(scheduler: Scheduler, x0: torch.Tensor, cut: Cut, eps1: torch.Tensor) -> torch.Tensor:
     """Stage 1, on the client: x_{t_c} = √ᾱ_{t_c}·x₀ + √(1−ᾱ_{t_c})·ε₁."""
-    tc = torch.full((x0.shape[0],), t_c, dtype=torch.int64)
+    tc = torch.full((x0.shape[0],), cut.t_c, dtype=torch.int64)
     return scheduler.add_noise(x0, eps1.to(x0.device), tc, torch.zeros_like(tc))
 
 
-def server_message(scheduler: Scheduler, x_tc: torch.Tensor, t_c: int, generator: torch.Generator | None) -> ServerMessage:
+def server_message(scheduler: Scheduler, x_tc: torch.Tensor, cut: Cut, generator: torch.Generator | None) -> ServerMessage:
     """Stage 2: x_{t_c} noised up to server levels t ~ U{t_c+1..T} with ε₂ from `generator`.
     A function of x_{t_c}, not of x₀."""
-    if t_c >= scheduler.levels:
+    if not cut.uses_server:
         raise ValueError("a client with t_c = T (cut ratio 1) sends nothing to the server")
     b = x_tc.shape[0]
-    tc = torch.full((b,), t_c, dtype=torch.int64)
-    t = torch.randint(t_c + 1, scheduler.levels + 1, (b,), generator=generator)
+    tc = torch.full((b,), cut.t_c, dtype=torch.int64)
+    t = torch.randint(cut.t_c + 1, scheduler.levels + 1, (b,), generator=generator)
     eps2 = randn_like(x_tc, generator)
     return ServerMessage(scheduler.add_noise(x_tc, eps2, t, tc), t, tc, eps2)
 
@@ -62,13 +63,13 @@ def row_losses(model: torch.nn.Module, message: ServerMessage) -> torch.Tensor:
 
 
 def client_loss(
-    model: torch.nn.Module, scheduler: Scheduler, x0: torch.Tensor, t_c: int, generator: torch.Generator | None = None
+    model: torch.nn.Module, scheduler: Scheduler, x0: torch.Tensor, cut: Cut, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Ordinary DDPM ε-prediction loss on the client's own levels 1..t_c."""
-    if t_c < 1:
+    if not cut.local_model:
         raise ValueError("a client with t_c = 0 (cut ratio 0) keeps no local model")
     b = x0.shape[0]
-    t = torch.randint(1, t_c + 1, (b,), generator=generator)
+    t = torch.randint(1, cut.t_c + 1, (b,), generator=generator)
     eps = randn_like(x0, generator)
     x_t = scheduler.add_noise(x0, eps, t, torch.zeros_like(t))
     return F.mse_loss(model(x_t, t.to(x0.device)).sample, eps)

@@ -53,36 +53,26 @@ class ClientParty:
         cut_noise: CutNoise | None = None,
         record_rows: bool = False,
     ) -> None:
-        self.name, self.cut_ratio, self.train_config = name, cut_ratio, train
+        self.name, self.train_config = name, train
         self.scheduler = Scheduler(diffusion)
-        self.t_c = diffusion.cut_level(cut_ratio)
+        self.cut = diffusion.cut(cut_ratio)
         self.device = torch.device(device)
         self.data = data
         self.image_shape: tuple[int, int, int] = tuple(data.shape[1:])  # type: ignore[assignment]
         self.generator = torch.Generator().manual_seed(seed)  # batches and local training
         self.message_generator = torch.Generator().manual_seed(_message_seed(seed))  # t and ε₂
         self.cut_noise = cut_noise
-        self.ids = image_ids(data) if self.uses_server and cut_noise is not None else []
+        self.ids = image_ids(data) if self.cut.uses_server and cut_noise is not None else []
         self.rows_sent = 0  # message rows so far: the row number `fresh` cut noise mixes in
         self.sent_rows: array | None = array("q") if record_rows else None  # data row of each message row, for the audit
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        if self.has_local_model:
+        if self.cut.local_model:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the same initial weights in a node and in the simulation
                 self.model = build_unet(model_preset, self.image_shape[-1], conditioned_on_cut=False, channels=self.image_shape[0]).to(self.device)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.learning_rate)
         self.step = 0
-
-    @property
-    def has_local_model(self) -> bool:
-        """c = 0 keeps no local model: the server does every level."""
-        return self.t_c > 0
-
-    @property
-    def uses_server(self) -> bool:
-        """c = 1 is purely local."""
-        return self.t_c < self.scheduler.levels
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """Where the party's two random streams stand (batches and local noise; t and ε₂), for a
@@ -101,7 +91,7 @@ class ClientParty:
         """One optimiser step of the local model on levels 1..t_c."""
         assert self.model is not None and self.optimizer is not None
         self.model.train()
-        loss = client_loss(self.model, self.scheduler, x0, self.t_c, self.generator)
+        loss = client_loss(self.model, self.scheduler, x0, self.cut, self.generator)
         self.step += 1
         value = apply_loss(self.model, self.optimizer, loss, self.train_config.grad_clip)
         if value is None:
@@ -115,19 +105,19 @@ class ClientParty:
             raise ValueError(f"client {self.name} talks to the server and needs its secret cut noise")
         rows = batch.index.tolist()
         eps1 = self.cut_noise([self.ids[i] for i in rows], range(self.rows_sent, self.rows_sent + len(rows)), self.image_shape)
-        x_tc = cut_image(self.scheduler, batch.x0.cpu(), self.t_c, eps1)
+        x_tc = cut_image(self.scheduler, batch.x0.cpu(), self.cut, eps1)
         self.rows_sent += len(rows)
         if self.sent_rows is not None:
             self.sent_rows.extend(rows)
-        return server_message(self.scheduler, x_tc, self.t_c, self.message_generator)
+        return server_message(self.scheduler, x_tc, self.cut, self.message_generator)
 
     def finish_job(self, job_id: str, count: int, seed: int, sampler: SamplerConfig, x_tc: torch.Tensor | None) -> SampleJob:
         """The client's sampler job: from the server's x_{t_c} (or from noise at T when c = 1) to 0."""
-        start = self.t_c
-        if not self.uses_server:
+        start = self.cut.t_c
+        if not self.cut.uses_server:
             x_tc = None  # c = 1: the client samples alone from x_T
         elif x_tc is None:
-            raise ValueError(f"client {self.name} with t_c = {self.t_c} needs the server's x_t_c to finish")
+            raise ValueError(f"client {self.name} with t_c = {start} needs the server's x_t_c to finish")
         share, eta = self.scheduler.share(sampler, start, 0)
         return SampleJob(job_id, count, start, 0, seed, share, eta, x_start=x_tc, stream=CLIENT_STREAM)
 
@@ -135,7 +125,7 @@ class ClientParty:
     def finish(self, x_tc: torch.Tensor | None, count: int, seed: int, sampler: SamplerConfig, max_batch: int = 256) -> torch.Tensor:
         """Images in [-1, 1]: the local finish of a generation."""
         job = self.finish_job("finish", count, seed, sampler, x_tc)
-        if not self.has_local_model:
+        if not self.cut.local_model:
             assert x_tc is not None
             return x_tc.clamp(-1, 1)
         assert self.model is not None

@@ -17,6 +17,7 @@ import msgpack
 import torch
 
 from collafuse.common.config import DiffusionConfig, SamplerConfig, TrainConfig
+from collafuse.common.cut import Cut
 from collafuse.engine.collective import Collective
 from collafuse.engine.compiled import CompileReport, Compiled, timed
 from collafuse.engine.graphs import COMPILED_SMALLEST_BUCKET, Forward, GraphedForward
@@ -234,10 +235,10 @@ class ServerParty:
         self.model.eval()
         return BatchedSampler(self.denoiser(max_batch), self.scheduler, self.image_shape, max_batch, self.device)
 
-    def denoise_job(self, job_id: str, count: int, t_c: int, seed: int, sampler: SamplerConfig, first_row: int = 0) -> SampleJob:
+    def denoise_job(self, job_id: str, count: int, cut: Cut, seed: int, sampler: SamplerConfig, first_row: int = 0) -> SampleJob:
         """The server's part of a generation: x_T ~ N(0, I) from the seed, down to x_{t_c}."""
         levels = self.scheduler.levels
-        if not 0 <= t_c < levels:
-            raise ValueError(f"server denoising needs 0 <= t_c < {levels}, got {t_c}")
-        share, eta = self.scheduler.share(sampler, levels, t_c)
-        return SampleJob(job_id, count, levels, t_c, seed, share, eta, stream=SERVER_STREAM, first_row=first_row)
+        if not cut.uses_server or cut.levels != levels:
+            raise ValueError(f"server denoising needs a cut below T = {levels}, got t_c = {cut.t_c} of T = {cut.levels}")
+        share, eta = self.scheduler.share(sampler, levels, cut.t_c)
+        return SampleJob(job_id, count, levels, cut.t_c, seed, share, eta, stream=SERVER_STREAM, first_row=first_row)

@@ -38,7 +38,7 @@ def _checkpoint_all(folder: Path, clients: list[ClientParty], server: ServerPart
     meta = {"step": step, "config": config}
     for c in clients:
         if c.model is not None:
-            save_checkpoint(folder / f"{c.name}.safetensors", c.model, c.optimizer, {**meta, "party": c.name, "t_c": c.t_c})
+            save_checkpoint(folder / f"{c.name}.safetensors", c.model, c.optimizer, {**meta, "party": c.name, "t_c": c.cut.t_c})
     if server is not None:
         save_checkpoint(folder / "server.safetensors", server.model, server.optimizer, {**meta, "party": "server"})
     sent = {c.name: torch.tensor(c.sent_rows, dtype=torch.int64) for c in clients if c.sent_rows is not None}
@@ -82,7 +82,7 @@ def generate(
     """Per client: the server's output at t_c (what the server produced) and the finished images."""
     x_tc_of: dict[str, torch.Tensor] = {}
     if server is not None:
-        jobs = [server.denoise_job(c.name, count, c.t_c, seed + i, config.sampler) for i, c in enumerate(clients) if c.uses_server]
+        jobs = [server.denoise_job(c.name, count, c.cut, seed + i, config.sampler) for i, c in enumerate(clients) if c.cut.uses_server]
         with energy.phase("server_denoising"):
             x_tc_of = server.sampler(max_batch).run(jobs)
     out = {}
@@ -100,14 +100,14 @@ def make_parties(config: SimulateConfig, data: FederatedData, out: Path, device:
     clients = []
     for i, c in enumerate(config.client_cut_ratios()):
         name = f"client{i}"
-        talks = config.diffusion.cut_level(c) < config.diffusion.levels  # c = 1 never talks to the server
+        talks = config.diffusion.cut(c).uses_server  # c = 1 never talks to the server
         cut_noise = CutNoise(client_secret(out, name), config.cut_noise) if talks else None
         clients.append(ClientParty(name, c, data.clients[i], config.client_model, config.diffusion, config.train, device,
                                    seed=client_seed(config.data.seed, i), cut_noise=cut_noise, record_rows=talks))
     image_shape = tuple(data.clients[0].shape[1:])
     server = (
         ServerParty(image_shape, config.server_model, config.diffusion, config.train, device, seed=config.data.seed)  # type: ignore[arg-type]
-        if any(c.uses_server for c in clients)
+        if any(c.cut.uses_server for c in clients)
         else None
     )
     return clients, server
@@ -117,7 +117,7 @@ def train(config: SimulateConfig, clients: list[ClientParty], server: ServerPart
           energy: PhaseEnergy) -> dict[str, list[list[float]]]:
     """Steps first+1..steps: each client's local step and message, then one merged server step;
     mean losses every `log_every` steps; checkpoints every `checkpoint_every`."""
-    losses: dict[str, list[list[float]]] = {c.name: [] for c in clients if c.has_local_model}
+    losses: dict[str, list[list[float]]] = {c.name: [] for c in clients if c.cut.local_model}
     if server is not None:
         losses["server"] = []
     window: dict[str, list[float]] = {k: [] for k in losses}
@@ -127,9 +127,9 @@ def train(config: SimulateConfig, clients: list[ClientParty], server: ServerPart
         for c in clients:
             batch = c.batch()
             with energy.phase(f"local_training/{c.name}"):
-                if c.has_local_model:
+                if c.cut.local_model:
                     window[c.name].append(c.train_local(batch.x0))
-                if c.uses_server:
+                if c.cut.uses_server:
                     messages.append(c.server_message(batch))
                     owners.append(c.name)
         if server is not None:
@@ -176,8 +176,8 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
         "clients": [
             {
                 "name": c.name,
-                "cut_ratio": c.cut_ratio,
-                "t_c": c.t_c,
+                "cut_ratio": c.cut.ratio,
+                "t_c": c.cut.t_c,
                 "images": int(c.data.shape[0]),
                 "data": data.provenance[i],
                 "parameters": parameter_count(c.model) if c.model is not None else 0,

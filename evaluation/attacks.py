@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from collafuse.common.cut import Cut
 from collafuse.engine.graphs import Forward
 from collafuse.diffusion.schedule import Scheduler
 
@@ -233,7 +234,7 @@ def tpr_at_fpr(members: np.ndarray, others: np.ndarray, fpr: float) -> float | N
 
 @torch.no_grad()
 def membership_scores(
-    eps_fn: Forward, scheduler: Scheduler, images: torch.Tensor, t_c: int, generator: torch.Generator,
+    eps_fn: Forward, scheduler: Scheduler, images: torch.Tensor, cut: Cut, generator: torch.Generator,
     offsets: tuple[int, ...] = (1, 5, 10, 20), batch: int = 256,
 ) -> dict[str, np.ndarray]:
     """Two scores per image, higher for a likelier member, from the server model `eps_fn`
@@ -242,6 +243,7 @@ def membership_scores(
       know the client's ε₁: a fresh draw) and fresh ε₂;
     - `pia`: x̂_{t_c} = √ᾱ_{t_c}·x₀ (ε₁'s mean), ε̃ = ε̂₂(x̂_{t_c}, t_c+1), and minus the L1 distance
       between ε̃ and the prediction at x_t = add_noise(x̂_{t_c}, ε̃, t): deterministic, as in PIA."""
+    t_c = cut.t_c
     levels = [t_c + k for k in offsets if t_c + k <= scheduler.levels]
     a = float(scheduler.alpha_bar[t_c])
     out: dict[str, list[np.ndarray]] = {"loss": [], "pia": []}

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from collafuse.common.config import DataConfig, DiffusionConfig
+from collafuse.common.cut import Cut
 from collafuse.engine.checkpoint import load_checkpoint
 from collafuse.diffusion.cutnoise import CutNoise, image_ids, load_secret
 from collafuse.diffusion.schedule import Scheduler
@@ -48,26 +49,26 @@ class ServerView:
     """What the server holds of one client: x_{t_c} of every message row, and (for scoring only)
     the data row each came from."""
 
-    t_c: int
+    cut: Cut
     views: torch.Tensor  # [N, C, H, W]
     truth: torch.Tensor  # [N] int64
 
 
-def server_view(scheduler: Scheduler, data: torch.Tensor, cut_noise: CutNoise, t_c: int, sent_rows: torch.Tensor, chunk: int = 4096) -> ServerView:
+def server_view(scheduler: Scheduler, data: torch.Tensor, cut_noise: CutNoise, cut: Cut, sent_rows: torch.Tensor, chunk: int = 4096) -> ServerView:
     """x_{t_c} of each message row, exactly as the client computed it (message row i is numbered i)."""
     ids = image_ids(data)
     parts = []
     for start in range(0, sent_rows.shape[0], chunk):
         rows = sent_rows[start : start + chunk]
         eps1 = cut_noise([ids[r] for r in rows.tolist()], range(start, start + rows.shape[0]), tuple(data.shape[1:]))
-        parts.append(cut_image(scheduler, data[rows], t_c, eps1))
+        parts.append(cut_image(scheduler, data[rows], cut, eps1))
     views = torch.cat(parts) if parts else torch.empty((0, *data.shape[1:]))
-    return ServerView(t_c, views, sent_rows.clone())
+    return ServerView(cut, views, sent_rows.clone())
 
 
 def attack_view(scheduler: Scheduler, view: ServerView, data: torch.Tensor) -> dict[str, Any]:
     """Both reconstruction attacks on one client's view, scored."""
-    a = float(scheduler.alpha_bar[view.t_c])
+    a = float(scheduler.alpha_bar[view.cut.t_c])
     flat = view.views.flatten(1)
     linked = multiview_attack(flat, a, view.truth)
     return {
@@ -110,13 +111,14 @@ def audit_run(folder: Path, nonmembers: int = 1024, say: Callable[[str], None] =
     data_config = DataConfig(**{**config["data"], "brats_slices": tuple(config["data"]["brats_slices"]), "holdout_images": nonmembers})
     data = load_federated(data_config)
     sent = load_file(str(folder / "checkpoints" / SENT_ROWS))
-    talking = [c for c in metrics["clients"] if c["t_c"] < diffusion.levels]
+    cuts = [Cut(c["t_c"], diffusion.levels) for c in metrics["clients"]]  # a run's file: checked once here
+    talking = [c for c, cut in zip(metrics["clients"], cuts) if cut.uses_server]
     report: dict[str, Any] = {"cut_noise": config["cut_noise"], "clients": [], "membership": None}
     for i, c in enumerate(metrics["clients"]):
         if c not in talking:
             continue
         secret = load_secret(folder / "secrets" / f"{c['name']}.key", create=False)
-        view = server_view(scheduler, data.clients[i], CutNoise(secret, config["cut_noise"]), c["t_c"], sent[c["name"]])
+        view = server_view(scheduler, data.clients[i], CutNoise(secret, config["cut_noise"]), cuts[i], sent[c["name"]])
         row = {"client": c["name"], "t_c": c["t_c"], **attack_view(scheduler, view, data.clients[i])}
         report["clients"].append(row)
         say(f"[audit] {c['name']} t_c={c['t_c']}: {row['views']} views of {row['images_sent']} images ({row['distinct_views']} distinct); "
@@ -127,8 +129,9 @@ def audit_run(folder: Path, nonmembers: int = 1024, say: Callable[[str], None] =
         load_checkpoint(folder / "checkpoints" / "server.safetensors", server.model)
         server.model.eval()
         generator = torch.Generator().manual_seed(0)
-        outside = {t_c: membership_scores(server.eps, scheduler, data.holdout, t_c, generator) for t_c in sorted({c["t_c"] for c in talking})}
-        inside = {c["name"]: membership_scores(server.eps, scheduler, _some(data.clients[i], nonmembers), c["t_c"], generator)
+        outside = {cut.t_c: membership_scores(server.eps, scheduler, data.holdout, cut, generator)
+                   for cut in sorted({cuts[i] for i, c in enumerate(metrics["clients"]) if c in talking}, key=lambda cut: cut.t_c)}
+        inside = {c["name"]: membership_scores(server.eps, scheduler, _some(data.clients[i], nonmembers), cuts[i], generator)
                   for i, c in enumerate(metrics["clients"]) if c in talking}
         membership: dict[str, Any] = {"nonmembers": data.holdout.shape[0],
                                       "clients": {c["name"]: _membership(inside[c["name"]], outside[c["t_c"]]) for c in talking}}

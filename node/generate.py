@@ -30,7 +30,7 @@ def server_part(config: NodeConfig, party, count: int, seed: int, sampler: Sampl
             n = min(chunk, count - first)
             job = f"{config.name}-gen-{seed}-{first}-{time.time_ns()}"
             env = wire.encode(
-                "denoise", job=job, client=config.name, count=n, t_c=party.t_c, seed=seed, first_row=first,
+                "denoise", job=job, client=config.name, count=n, t_c=party.cut.t_c, seed=seed, first_row=first,
                 sampler=sampler.kind, steps=steps, eta=sampler.eta,
             )
             link.submit(job, "denoise", [env])
@@ -59,7 +59,7 @@ def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: 
             raise FileNotFoundError(f"no local model at {path}: run `collafuse-node join` first")
         load_checkpoint(path, party.model, None, party.device)
     started = time.monotonic()
-    x_tc = server_part(config, party, count, seed, sampler, timeout) if party.uses_server else None
+    x_tc = server_part(config, party, count, seed, sampler, timeout) if party.cut.uses_server else None
     server_seconds = time.monotonic() - started
     energy = PhaseEnergy()
     with energy.phase("local_denoising"):
@@ -72,7 +72,7 @@ def run_generate(config: NodeConfig, count: int, out: Path, seed: int, sampler: 
     if x_tc is not None:
         tensors_out["x_tc"] = x_tc.contiguous()
     save_file(tensors_out, str(out / "samples.safetensors"))
-    info = {"count": count, "t_c": party.t_c, "server_seconds": round(server_seconds, 2),
+    info = {"count": count, "t_c": party.cut.t_c, "server_seconds": round(server_seconds, 2),
             "total_seconds": round(time.monotonic() - started, 2), "energy": report}
     (out / "generate.json").write_text(json.dumps(info, indent=2))
     return info

@@ -58,7 +58,7 @@ def make_party(config: NodeConfig, data: torch.Tensor, cut_noise: CutNoise | Non
 def connect(config: NodeConfig, party: ClientParty) -> BrokerLink:
     link = BrokerLink(
         config.broker,
-        {"client": config.name, "t_c": party.t_c, "image_shape": list(party.image_shape), "levels": config.limits.levels},
+        {"client": config.name, "t_c": party.cut.t_c, "image_shape": list(party.image_shape), "levels": config.limits.levels},
         config.limits,
         config.heartbeat,
         config.retry_after,
@@ -102,7 +102,7 @@ class TrainSender:
                  stopping: Callable[[], bool]) -> None:
         self.link, self.party, self.figures, self.energy, self.stopping = link, party, figures, energy, stopping
         self.name, self.window = config.name, config.window
-        self.wait = config.lockstep or not party.has_local_model
+        self.wait = config.lockstep or not party.cut.local_model
         assert party.cut_noise is not None  # a node that talks to the server has its secret
         self.stream = party.cut_noise.stream_id()  # job ids: the same for a step after a restart, so never applied twice
 
@@ -127,7 +127,7 @@ class TrainSender:
     def send(self, step: int, msg: ServerMessage) -> None:
         job = f"{self.name}-{self.stream}-{step}"
         blob = tensors.encode({"x_t": msg.x_t.numpy().astype(np.float32), "t": msg.t.numpy(), "eps": msg.eps.numpy().astype(np.float32)})
-        env = wire.encode("train", job=job, client=self.name, rows=int(msg.t.shape[0]), t_c=self.party.t_c)
+        env = wire.encode("train", job=job, client=self.name, rows=int(msg.t.shape[0]), t_c=self.party.cut.t_c)
         self.link.submit(job, "train", [env, blob])
         self.figures.sent += 1
 
@@ -171,8 +171,7 @@ class Join(Stoppable):
             raise ValueError(f"shard {config.shard} does not exist among {config.shards}")
         self.state = Path(config.state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
-        talks = DiffusionConfig(levels=config.limits.levels).cut_level(config.cut_ratio) < config.limits.levels
-        cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if talks else None
+        cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if config.cut.uses_server else None
         self.party = make_party(config, load_federated(data_config).clients[config.shard], cut_noise)
         self.outbox: dict[str, list[bytes]] = {}  # from the checkpoint: jobs to re-send at start
         self.first_step = self.resume()
@@ -187,8 +186,8 @@ class Join(Stoppable):
         if not path.is_file():
             return 0
         meta = load_checkpoint(path, self.party.model or torch.nn.Module(), self.party.optimizer, self.party.device)
-        if meta.get("t_c") != self.party.t_c:
-            raise ValueError(f"checkpoint {path} is for t_c={meta.get('t_c')}, not {self.party.t_c}")
+        if meta.get("t_c") != self.party.cut.t_c:
+            raise ValueError(f"checkpoint {path} is for t_c={meta.get('t_c')}, not {self.party.cut.t_c}")
         self.party.rows_sent = int(meta.get("rows_sent", 0))
         extra = load_extra(path)
         if "rng.batch" in extra:
@@ -201,7 +200,7 @@ class Join(Stoppable):
         return int(meta["step"])
 
     def run(self) -> JoinFigures:
-        if self.party.uses_server:
+        if self.party.cut.uses_server:
             link = connect(self.config, self.party)
             self.sender = TrainSender(link, self.party, self.config, self.figures, self.energy, lambda: self.stopping)
             self.sender.resend(self.outbox)
@@ -224,7 +223,7 @@ class Join(Stoppable):
         while step < cfg.steps and not self.stopping:
             step += 1
             batch = self.party.batch()
-            if self.party.has_local_model:
+            if self.party.cut.local_model:
                 with self.energy.phase("local_training"):
                     losses.append(self.party.train_local(batch.x0))
             if self.sender is not None:
@@ -258,7 +257,7 @@ class Join(Stoppable):
         extra = {f"rng.{k}": v for k, v in self.party.rng_state().items()}
         for i, frames in enumerate(outbox.values()):
             extra.update({f"outbox.{i}.{part}": torch.frombuffer(bytearray(f), dtype=torch.uint8) for part, f in zip(("env", "blob"), frames)})
-        meta = {"step": step, "t_c": self.party.t_c, "cut_ratio": self.party.cut_ratio, "model": self.config.model, "name": self.config.name,
+        meta = {"step": step, "t_c": self.party.cut.t_c, "cut_ratio": self.config.cut_ratio, "model": self.config.model, "name": self.config.name,
                 "rows_sent": self.party.rows_sent, "outbox": list(outbox)}
         save_checkpoint(checkpoint_path(self.config), self.party.model or torch.nn.Module(), self.party.optimizer, meta, extra)
 
@@ -269,8 +268,8 @@ class Join(Stoppable):
             "step": step,
             "steps": self.config.steps,
             "done": done,
-            "t_c": self.party.t_c,
-            "cut_ratio": self.party.cut_ratio,
+            "t_c": self.party.cut.t_c,
+            "cut_ratio": self.config.cut_ratio,
             "reconnects": link.reconnects if link else 0,
             "busy_replies": link.busy_replies if link else 0,
             "in_flight": len(link.outstanding) if link else 0,

@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 
 from collafuse.common.config import ProtocolLimits
+from collafuse.common.cut import Cut
 
 PROTOCOL_VERSION = 3
 
@@ -95,8 +96,28 @@ def _map(v: Any, _: ProtocolLimits) -> str | None:
     return None if isinstance(v, dict) else "must be a map"
 
 
+def _cut(for_server: bool) -> Check:
+    """t_c as a `Cut` of the chain T = limits.levels; a job for the server needs a cut below T."""
+
+    def check(v: Any, limits: ProtocolLimits) -> str | None:
+        try:
+            cut = Cut(v, limits.levels)
+        except ValueError as exc:
+            return f"is not a cut: {exc}"
+        if for_server and not cut.uses_server:
+            return f"must lie in [0, {limits.levels - 1}]: a client with t_c = T sends the server nothing"
+        return None
+
+    return check
+
+
+def cut_of(env: dict[str, Any], limits: ProtocolLimits) -> Cut:
+    """The typed cut of an envelope `decode` has accepted."""
+    return Cut(env["t_c"], limits.levels)
+
+
 ROWS = _int(lambda _: 1, lambda lim: lim.max_rows)
-SERVER_CUT = _int(lambda _: 0, lambda lim: lim.levels - 1)  # the server only serves clients with t_c < T
+SERVER_CUT = _cut(for_server=True)
 JOB, CLIENT = _str(128), _str(64)
 COUNT = _int(lambda _: 0, lambda _: 2**62)
 # The trainer's state in parts that each fit a frame: `weights` to every other worker, `moments`
@@ -123,7 +144,7 @@ EPOCH = _str(32)  # one broker run: a peer that sees another one re-registers an
 # type → {field: check}. Every type also carries v and type.
 FIELDS: dict[str, dict[str, Check]] = {
     # node → broker
-    "hello": {"client": CLIENT, "t_c": _int(lambda _: 0, lambda lim: lim.levels), "image_shape": _shape, "levels": _int(lambda _: 1, lambda _: 10_000)},
+    "hello": {"client": CLIENT, "t_c": _cut(for_server=False), "image_shape": _shape, "levels": _int(lambda _: 1, lambda _: 10_000)},
     "train": {"job": JOB, "client": CLIENT, "rows": ROWS, "t_c": SERVER_CUT},
     "denoise": {
         "job": JOB,

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from collafuse.common.config import DemoConfig
+from collafuse.common.config import DemoConfig, one_per_client
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol.security import PeerKeys
 from collafuse.system.keyring import Keyring
@@ -77,9 +77,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
     fleet = Fleet(out / "logs", threads=cfg.threads)
     keyring = Keyring(None if cfg.insecure else out / "keys")
     admin = keyring.admin()
-    ratios = list(cfg.cut_ratios) * cfg.clients if len(cfg.cut_ratios) == 1 else list(cfg.cut_ratios)
-    if len(ratios) != cfg.clients:
-        raise ValueError(f"give one cut ratio or one per client ({cfg.clients})")
+    ratios = one_per_client(cfg.cut_ratios, cfg.clients)
     names = [f"client{i}" for i in range(cfg.clients)]
     common = ["--image-size", str(cfg.image_size), "--device", cfg.device, "--seed", str(cfg.seed)]
     try:

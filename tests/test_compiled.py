@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from collafuse.common.config import SamplerConfig
+from collafuse.common.cut import Cut
 from collafuse.diffusion.split import ServerMessage
 from collafuse.engine.server import ServerParty
 from collafuse.protocol import tensors
@@ -68,7 +69,7 @@ def test_a_compiled_worker_serves_the_reference_result_and_starts_warm_from_its_
     front, back = start_broker(fleet)
     reference = ServerParty((1, 32, 32), "tiny", seed=0)
     sampler = SamplerConfig(kind="ddim", ddim_steps=10, eta=0.0)
-    expected = reference.sampler(8).run([reference.denoise_job("j", 3, 60, 7, sampler)])["j"].numpy()
+    expected = reference.sampler(8).run([reference.denoise_job("j", 3, Cut(60, 100), 7, sampler)])["j"].numpy()
     logs = []
     for run in ("cold", "warm"):
         start_worker(fleet, back, front, run, "--no-train", "--compile", "--compile-cache", str(cache), "--max-batch", "8", timeout=600)

@@ -73,7 +73,7 @@ def test_replaying_the_nodes_seed_does_not_reproduce_eps1():
     party = _party("keyed", seed)
     batch = party.batch()
     msg = party.server_message(batch)
-    t_c, a = party.t_c, float(S.alpha_bar[party.t_c])
+    t_c, a = party.cut.t_c, float(S.alpha_bar[party.cut.t_c])
     # replay: the batch generator, then the message generator, exactly as the node uses them
     batches, messages = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(_message_seed(seed))
     index = torch.randint(0, 2, (8,), generator=batches)

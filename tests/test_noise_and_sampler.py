@@ -5,6 +5,7 @@ import math
 import torch
 
 from collafuse.common.config import SamplerConfig
+from collafuse.common.cut import Cut
 from collafuse.diffusion.models import build_unet
 from collafuse.diffusion.noise import row_keys, row_noise
 from collafuse.engine.sampler import BatchedSampler, SampleJob
@@ -35,12 +36,12 @@ def _server():
 def test_results_do_not_depend_on_batch_composition():
     server = _server()
     cfg = SamplerConfig()
-    alone = server.sampler(64).run([server.denoise_job("a", 5, 60, seed=11, sampler=cfg)])["a"]
+    alone = server.sampler(64).run([server.denoise_job("a", 5, Cut(60, 100), seed=11, sampler=cfg)])["a"]
     crowd = server.sampler(3).run(  # rows split across iterations, mixed with other jobs and cut ratios
         [
-            server.denoise_job("x", 4, 20, seed=3, sampler=cfg),
-            server.denoise_job("a", 5, 60, seed=11, sampler=cfg),
-            server.denoise_job("y", 2, 0, seed=4, sampler=cfg),
+            server.denoise_job("x", 4, Cut(20, 100), seed=3, sampler=cfg),
+            server.denoise_job("a", 5, Cut(60, 100), seed=11, sampler=cfg),
+            server.denoise_job("y", 2, Cut(0, 100), seed=4, sampler=cfg),
         ]
     )
     assert torch.allclose(alone, crowd["a"], rtol=1e-4, atol=1e-4)
@@ -51,8 +52,8 @@ def test_continuous_batching_admits_and_retires_between_iterations():
     server = _server()
     engine = server.sampler(4)
     cfg = SamplerConfig()
-    engine.submit(server.denoise_job("short", 2, 95, seed=1, sampler=cfg))  # 5 steps
-    engine.submit(server.denoise_job("long", 4, 50, seed=2, sampler=cfg))  # 50 steps
+    engine.submit(server.denoise_job("short", 2, Cut(95, 100), seed=1, sampler=cfg))  # 5 steps
+    engine.submit(server.denoise_job("long", 4, Cut(50, 100), seed=2, sampler=cfg))  # 50 steps
     order = []
     while not engine.idle():
         batch = engine.active_rows
@@ -72,8 +73,8 @@ def test_samplers_keep_shapes_stay_finite_and_honour_the_cut():
         for c in (0.0, 0.4, 1.0):
             client = ClientParty("c", c, data)
             x_tc = None
-            if client.uses_server:
-                x_tc = server.sampler(16).run([server.denoise_job("j", 3, client.t_c, 5, cfg)])["j"]
+            if client.cut.uses_server:
+                x_tc = server.sampler(16).run([server.denoise_job("j", 3, client.cut, 5, cfg)])["j"]
                 assert x_tc.shape == (3, *SHAPE) and torch.isfinite(x_tc).all()
             out = client.finish(x_tc, 3, 5, cfg)
             assert out.shape == (3, *SHAPE) and torch.isfinite(out).all()
@@ -81,7 +82,7 @@ def test_samplers_keep_shapes_stay_finite_and_honour_the_cut():
             if c == 0.0:
                 assert client.model is None and torch.equal(out, x_tc.clamp(-1, 1))
             if c == 1.0:
-                assert not client.uses_server and client.t_c == 100
+                assert not client.cut.uses_server and client.cut.t_c == 100
 
 
 def test_client_with_cut_one_never_needs_the_server_and_zero_needs_no_model():

@@ -3,9 +3,11 @@ those of the unsplit chain (checked against a float64 reference written here fro
 
 import math
 
+import pytest
 import torch
 
 from collafuse.common.config import DiffusionConfig
+from collafuse.common.cut import Cut
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.diffusion.split import ServerMessage, cut_image, recover_cut_image, server_message
 
@@ -27,8 +29,22 @@ AB = _alpha_bar_reference()
 
 def test_cut_level_is_round_c_times_T():
     d = DiffusionConfig(levels=100)
-    assert [d.cut_level(c) for c in (0, 0.2, 0.6, 0.8, 1.0)] == [0, 20, 60, 80, 100]
-    assert DiffusionConfig(levels=10).cut_level(0.25) == 2  # round half to even is fine; 2.5 → 2
+    assert [d.cut(c).t_c for c in (0, 0.2, 0.6, 0.8, 1.0)] == [0, 20, 60, 80, 100]
+    assert DiffusionConfig(levels=10).cut(0.25) == Cut(2, 10)  # round half to even is fine; 2.5 → 2
+    assert [(c.local_model, c.uses_server) for c in (d.cut(0), d.cut(0.6), d.cut(1))] == [(False, True), (True, True), (True, False)]
+    assert d.cut(0.6).ratio == 0.6
+
+
+@pytest.mark.parametrize("ratio", [-0.01, 1.01, float("nan"), float("inf"), True, "0.5"])
+def test_a_cut_ratio_outside_0_1_is_refused(ratio):
+    with pytest.raises(ValueError, match="cut ratio"):
+        DiffusionConfig().cut(ratio)
+
+
+@pytest.mark.parametrize("t_c,levels", [(-1, 100), (101, 100), (0, 0), (True, 100), (60.0, 100), (60, None)])
+def test_a_cut_outside_its_chain_is_refused(t_c, levels):
+    with pytest.raises(ValueError):
+        Cut(t_c, levels)
 
 
 def test_cosine_schedule_shape():
@@ -42,8 +58,8 @@ def test_two_stage_noising_has_the_marginal_q_xt_given_x0():
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
     n, t_c = 40000, 40
-    x_tc = cut_image(S, x0.expand(n, -1, -1, -1).contiguous(), t_c, torch.randn(n, 1, 4, 4, generator=g))
-    msg = server_message(S, x_tc, t_c, g)
+    x_tc = cut_image(S, x0.expand(n, -1, -1, -1).contiguous(), Cut(t_c, 100), torch.randn(n, 1, 4, 4, generator=g))
+    msg = server_message(S, x_tc, Cut(t_c, 100), g)
     for level in (45, 70, 100):
         sel = msg.t == level
         a = float(S.alpha_bar[level])
@@ -62,14 +78,15 @@ def test_two_stage_noising_has_the_marginal_q_xt_given_x0():
 def test_message_depends_on_x0_only_through_x_tc():
     g = torch.Generator().manual_seed(2)
     t_c = 30
+    cut = Cut(t_c, 100)
     a_c = S.alpha_bar[t_c].item()
     x0_a = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
     x0_b = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
-    x_tc = cut_image(S, x0_a, t_c, torch.randn(2, 1, 8, 8, generator=g))
+    x_tc = cut_image(S, x0_a, cut, torch.randn(2, 1, 8, 8, generator=g))
     eps1_b = (x_tc - math.sqrt(a_c) * x0_b) / math.sqrt(1 - a_c)  # reaches the same x_{t_c} from x0_b
-    assert torch.allclose(x_tc, cut_image(S, x0_b, t_c, eps1_b), atol=1e-5)
-    m_a = server_message(S, x_tc, t_c, torch.Generator().manual_seed(9))
-    m_b = server_message(S, cut_image(S, x0_b, t_c, eps1_b), t_c, torch.Generator().manual_seed(9))
+    assert torch.allclose(x_tc, cut_image(S, x0_b, cut, eps1_b), atol=1e-5)
+    m_a = server_message(S, x_tc, cut, torch.Generator().manual_seed(9))
+    m_b = server_message(S, cut_image(S, x0_b, cut, eps1_b), cut, torch.Generator().manual_seed(9))
     assert torch.allclose(m_a.x_t, m_b.x_t, atol=1e-5)
     assert torch.equal(m_a.eps, m_b.eps) and torch.equal(m_a.t, m_b.t) and torch.equal(m_a.t_c, m_b.t_c)
     # The server recovers x_{t_c}, and that is all: x0_a and x0_b are indistinguishable.
@@ -80,7 +97,7 @@ def test_message_depends_on_x0_only_through_x_tc():
 def test_eps2_is_not_the_noise_relative_to_x0():
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
-    msg = server_message(S, cut_image(S, x0, 50, torch.randn(64, 1, 8, 8, generator=g)), 50, g)
+    msg = server_message(S, cut_image(S, x0, Cut(50, 100), torch.randn(64, 1, 8, 8, generator=g)), Cut(50, 100), g)
     a = S.alpha_bar[msg.t].float().view(-1, 1, 1, 1)
     naive = (msg.x_t - (1 - a).sqrt() * msg.eps) / a.sqrt()  # the paper's Figure 2 attack
     assert (naive - x0).pow(2).mean().item() > 0.05

@@ -111,15 +111,17 @@ def sampler(
 ) -> None:
     """The in-process continuous-batching sampler (what `simulate` and the worker run) against the raw model."""
     from collafuse.common.config import SamplerConfig
+    from collafuse.common.cut import Cut
 
     party = _party(model, size, device, bf16, cuda_graphs, compile)
     party.warm_up(max_batch)
     engine = party.sampler(max_batch)
     cfg = SamplerConfig()
-    engine.run([party.denoise_job("warm", max_batch, 90, 0, cfg)])
+    levels = party.scheduler.levels
+    engine.run([party.denoise_job("warm", max_batch, Cut(levels - 10, levels), 0, cfg)])
     _sync(party.device)
     start, before = time.perf_counter(), engine.rows_processed
-    engine.run([party.denoise_job(f"j{i}", rows, t_c, i, cfg) for i in range(jobs)])
+    engine.run([party.denoise_job(f"j{i}", rows, Cut(t_c, levels), i, cfg) for i in range(jobs)])
     _sync(party.device)
     rate = (engine.rows_processed - before) / (time.perf_counter() - start)
     raw_rate = forward_rate(party, max_batch)
@@ -140,7 +142,8 @@ def train(model: str = "paper", size: int = 128, batch: int = 150, steps: int = 
     from collafuse.diffusion.schedule import Scheduler
     from collafuse.diffusion.split import server_message
 
-    msg = server_message(Scheduler(DiffusionConfig()), torch.randn(batch, 1, size, size), 60, torch.Generator().manual_seed(0))
+    diffusion = DiffusionConfig()
+    msg = server_message(Scheduler(diffusion), torch.randn(batch, 1, size, size), diffusion.cut(0.6), torch.Generator().manual_seed(0))
 
     def images_per_s(party) -> tuple[float, float]:
         for _ in range(3):
@@ -438,7 +441,7 @@ def cpu(size: str = "32,64", models: str = "tiny,paper", batch: int = 32, sample
                 server.train_step([client.server_message(drawn)])
             server_step = (time.perf_counter() - start) / 3
             start = time.perf_counter()
-            x_tc = server.sampler(samples).run([server.denoise_job("j", samples, client.t_c, 0, SamplerConfig())])["j"]
+            x_tc = server.sampler(samples).run([server.denoise_job("j", samples, client.cut, 0, SamplerConfig())])["j"]
             server_sample = (time.perf_counter() - start) / samples
             start = time.perf_counter()
             client.finish(x_tc, samples, 0, SamplerConfig())

@@ -6,6 +6,7 @@ import json
 import torch
 
 from collafuse.common.config import SamplerConfig
+from collafuse.common.cut import Cut
 from collafuse.diffusion.noise import row_keys, row_noise
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.diffusion.split import server_message
@@ -20,16 +21,17 @@ gpu.model.load_state_dict(cpu.model.state_dict())
 keys = row_keys(5, 0, 8)
 noise_diff = float((row_noise(keys, torch.full((8,), 7), (1, 32, 32)) - row_noise(keys.cuda(), torch.full((8,), 7, device="cuda"), (1, 32, 32)).cpu()).abs().max())
 cfg = SamplerConfig()
-a = cpu.sampler(16).run([cpu.denoise_job("j", 6, 40, 3, cfg)])["j"]
-b = gpu.sampler(4).run([gpu.denoise_job("j", 6, 40, 3, cfg)])["j"]  # rows retire in several transfers
+CUT = Cut(40, 100)
+a = cpu.sampler(16).run([cpu.denoise_job("j", 6, CUT, 3, cfg)])["j"]
+b = gpu.sampler(4).run([gpu.denoise_job("j", 6, CUT, 3, cfg)])["j"]  # rows retire in several transfers
 graphed = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True)
 graphed.model.load_state_dict(cpu.model.state_dict())
-g = graphed.sampler(4).run([graphed.denoise_job("j", 6, 40, 3, cfg)])["j"]  # buckets 4 and 2
+g = graphed.sampler(4).run([graphed.denoise_job("j", 6, CUT, 3, cfg)])["j"]  # buckets 4 and 2
 compiled = ServerParty((1, 32, 32), "tiny", device="cuda", cuda_graphs=True, compile=True)
 compiled.model.load_state_dict(cpu.model.state_dict())
 compiled.warm_up(16)
-c = compiled.sampler(16).run([compiled.denoise_job("j", 6, 40, 3, cfg)])["j"]  # bucket 8, padded
-msg = server_message(Scheduler(), torch.randn(16, 1, 32, 32), 40, torch.Generator().manual_seed(0))
+c = compiled.sampler(16).run([compiled.denoise_job("j", 6, CUT, 3, cfg)])["j"]  # bucket 8, padded
+msg = server_message(Scheduler(), torch.randn(16, 1, 32, 32), CUT, torch.Generator().manual_seed(0))
 loss_cpu, loss_gpu = cpu.train_step([msg]).loss, gpu.train_step([msg]).loss
 data = torch.rand(64, 1, 32, 32) * 2 - 1
 clients = [ClientParty("c", 0.6, data, "tiny", device=d, seed=3) for d in ("cpu", "cuda")]

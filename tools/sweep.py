@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from collafuse.common.config import DataConfig, DiffusionConfig, SimulateConfig, SweepConfig, TrainConfig
+from collafuse.common.cut import Cut
 from collafuse.datasets import load_federated
 from collafuse.evaluation.attacks import nearest_mse
 from collafuse.evaluation.kid import InceptionFeatures, kernel_distance
@@ -45,14 +46,18 @@ class Run:
         return cfg.out / mode / f"seed{self.seed}" / f"c{self.cut_ratio:.2f}"
 
     @property
+    def cut(self) -> Cut:
+        return DiffusionConfig().cut(self.cut_ratio)
+
+    @property
     def local(self) -> bool:
         """c = 1: nothing is sent, so the cut-noise mode does not matter."""
-        return DiffusionConfig().cut_level(self.cut_ratio) == DiffusionConfig().levels
+        return not self.cut.uses_server
 
     @property
     def all_server(self) -> bool:
         """c = 0: x_{t_c} is x₀ itself, no cut noise is drawn, so one run serves every mode."""
-        return DiffusionConfig().cut_level(self.cut_ratio) == 0
+        return not self.cut.local_model
 
     @property
     def label(self) -> str:
@@ -179,12 +184,11 @@ def evaluate_run(cfg: SweepConfig, run: Run, say: Callable[[str], None], feature
     folder = ensure_run(cfg, run, say)
     samples, energy, wall = _load_run(cfg, folder)
     audit = _audit(cfg, run, folder, say)
-    t_c = DiffusionConfig().cut_level(run.cut_ratio)
     rows = []
     for i, name in enumerate(_names(cfg)):
         gen = samples[name]["images"]
         row: dict[str, Any] = {"cut_noise": "local" if run.local else run.cut_noise, "seed": run.seed, "cut_ratio": run.cut_ratio,
-                               "t_c": t_c, "client": name, "wall_s": round(wall, 1), **energy[name]}
+                               "t_c": run.cut.t_c, "client": name, "wall_s": round(wall, 1), **energy[name]}
         gen_feats = features(gen)
         row["kid_client"], row["kid_client_std"] = _kid(gen_feats, real_feats["client"][i])
         row["kid_holdout"], row["kid_holdout_std"] = _kid(gen_feats, real_feats["holdout"])

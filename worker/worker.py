@@ -323,7 +323,7 @@ class Worker(Stoppable):
         arrays = tensors.decode(frames[1].buffer, wire.tensor_spec(env, self.shape), self.limits.max_frame_bytes)
         wire.check_train_values(env, arrays, self.limits)
         t, x_t, eps = (torch.from_numpy(arrays[k].copy()) for k in ("t", "x_t", "eps"))
-        msg = ServerMessage(x_t, t, torch.full_like(t, env["t_c"]), eps)
+        msg = ServerMessage(x_t, t, torch.full_like(t, wire.cut_of(env, self.limits).t_c), eps)
         if ack is not None:
             self.batcher.remember(env, ack, hold=True, msg=msg)
         else:
@@ -407,7 +407,7 @@ class Worker(Stoppable):
         key = f"{env['client']}\x00{env['job']}"
         if key in self.denoising:
             return
-        job = self.party.denoise_job(key, env["count"], env["t_c"], env["seed"], sampler, first_row=env["first_row"])
+        job = self.party.denoise_job(key, env["count"], wire.cut_of(env, self.limits), env["seed"], sampler, first_row=env["first_row"])
         self.denoising[key] = env
         for done in self.engine.submit(job):
             self.reply_denoised(done)
