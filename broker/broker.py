@@ -147,7 +147,7 @@ class Broker(Stoppable):
         self.acked_step: int | None = None
         self.acks_durable = True  # whether the trainer that sent them had a checkpoint
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
-        self.group = TrainerGroup(config.group_settle)
+        self.group = TrainerGroup(config.group_settle, config.group_max_failures)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None
@@ -537,6 +537,8 @@ class Broker(Stoppable):
             self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
             return
         worker.completed += 1
+        if env["type"] == "ack" and worker.group:
+            self.group.stepped(worker.route)
         if env["type"] == "ack" and not worker.group:
             self.acked_step = max(self.acked_step or 0, env["step"])
             self.acks_durable = bool(worker.stats.get("durable", True))
@@ -627,10 +629,32 @@ class Broker(Stoppable):
         if generation is None:
             return
         log.info("trainer group %s: %s", generation.id, ", ".join(self.workers[r].name for r in generation.members) or "empty")
+        for route in generation.left_out:
+            self.leave_out(route)
         for route in generation.members:
             self.backend.send_multipart([route, wire.encode("group", **generation.message(route))])
         if generation.members:
             self.trainer = generation.members[0]
+
+    def leave_out(self, route: bytes) -> None:
+        """A trainer the group left out (broker/group.py) serves denoise jobs only: its train jobs go
+        back to the queue, it gets the trainer's weights from now on, and it is told why."""
+        worker = self.workers.get(route)
+        if worker is None:
+            return
+        for key, job in list(worker.jobs.items()):
+            if job.kind == "train" and self.release(worker, key) is job and self.jobs.get(key) is job:
+                self.enqueue(job, front=True)
+        worker.group, worker.trainer = "", False
+        worker.credit["train"] = worker.max_credit["train"] = 0
+        if self.trainer == route:
+            self.trainer = None  # the new generation's rank 0 takes over, if it has one
+        for part in self.relayed["weights"]:
+            self.backend.send_multipart([route, *part], copy=False)
+        reason = (f"left out of the trainer group: {self.group.max_failures} generations in a row failed with it and none it was in "
+                  f"ever stepped (can the other ranks reach its --group address?); it serves denoise jobs only until it restarts")
+        log.warning("worker %s %s", worker.name, reason)
+        self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])
 
     def dispatch(self) -> None:
         """Round robin: the (client, kind) queue served last goes to the back of the line; a queue

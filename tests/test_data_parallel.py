@@ -73,6 +73,34 @@ def test_ranks_step_as_one_trainer_with_the_union_of_their_rows(device):
     assert out0[2].applied_elsewhere == ["1/0"] and out1[2].applied_elsewhere == ["0/1"]  # refused rows are not applied
 
 
+def test_eight_ranks_step_as_one_trainer_with_the_union_of_their_rows():
+    """Beyond the four ranks of the benchmarks: eight ranks, each with one client's message of its
+    own size (one rank with none), two steps; every rank ends bit-identical to the others and,
+    within the float tolerance above, equal to one trainer given the union in rank order."""
+    world = 8
+    held = [[(_message(2 + r, seed=10 * step + r), f"c{r}")] if r != 5 else [] for step in range(2) for r in range(world)]
+    steps = [held[i * world:(i + 1) * world] for i in range(2)]
+    single = ServerParty((1, 32, 32), seed=11)
+    for step in steps:
+        union = [pair for rank in step for pair in rank]
+        single.train_step([m for m, _ in union], [o for _, o in union])
+    parties = [ServerParty((1, 32, 32), seed=11) for _ in range(world)]
+
+    def work(group: Collective):
+        party = parties[group.rank]
+        for step in steps:
+            mine = step[group.rank]
+            party.train_step([m for m, _ in mine], [o for _, o in mine], group, tags=[f"{group.rank}/{i}" for i in range(len(mine))])
+        return party
+
+    ranks = _ranks(world, work, timeout=60.0)
+    assert all(p.step == 2 for p in ranks)
+    for other in ranks[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0].model.parameters(), other.model.parameters()))
+    gap = torch.cat([(a - c).abs().reshape(-1) for a, c in zip(ranks[0].model.parameters(), single.model.parameters())])
+    assert gap.max() < 1e-4 and gap.mean() < 1e-7
+
+
 def test_a_group_with_no_rows_anywhere_takes_no_step():
     parties = [ServerParty((1, 32, 32), seed=1) for _ in range(2)]
 
@@ -121,6 +149,38 @@ def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     assert g.reform("E", now=7.0) is None
     g.failed(b"x", "E-5", now=5.0)  # not a member at all: nothing happens
     assert g.reform("E", now=9.0) is None
+
+
+def test_the_group_leaves_out_the_newest_member_that_never_stepped_and_fails_every_generation():
+    from collafuse.broker.group import TrainerGroup
+
+    def fail_all(g: TrainerGroup, now: float):
+        for member in g.current.members:
+            g.failed(member, g.current.id, now)
+        return g.reform("E", now + 1)
+
+    g = TrainerGroup(settle=0.5, max_failures=3)
+    for i, route in enumerate((b"a", b"b", b"c")):
+        g.join(route, f"h:{i}", "tiny", now=0.0)
+    assert g.reform("E", now=1.0).members == [b"a", b"b", b"c"]  # a fresh group: nobody has stepped
+    assert fail_all(g, 2.0).left_out == [] and fail_all(g, 4.0).left_out == []
+    third = fail_all(g, 6.0)
+    assert third.left_out == [b"c"] and third.members == [b"a", b"b"]  # the newest of the suspects, one per re-form
+    g.stepped(b"b")  # a and b step together: trusted from now on
+    for now in range(8, 30, 2):
+        assert fail_all(g, float(now)).left_out == []  # their failures are the network's
+    g.join(b"d", "h:3", "tiny", now=30.0)
+    assert g.reform("E", now=31.0).members == [b"a", b"b", b"d"]
+    assert [fail_all(g, now).left_out for now in (32.0, 34.0, 36.0)] == [[], [], [b"d"]]
+    g.join(b"e", "h:4", "tiny", now=40.0)
+    g.reform("E", now=41.0)
+    fail_all(g, 42.0)
+    fail_all(g, 44.0)
+    g.join(b"f", "h:5", "tiny", now=45.0)  # a re-form for a join, not a failure, ends every run of failures
+    assert g.reform("E", now=46.0).members == [b"a", b"b", b"e", b"f"]
+    assert fail_all(g, 47.0).left_out == [] and fail_all(g, 49.0).left_out == []
+    assert fail_all(g, 51.0).left_out == [b"f"]  # e and f both reach 3 here: the newest goes first
+    assert fail_all(g, 53.0).left_out == [b"e"]
 
 
 def test_a_rank_whose_last_step_the_group_lost_sends_no_ack_for_it():

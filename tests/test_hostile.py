@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from collafuse.protocol import tensors, wire
 from collafuse.protocol.security import PeerKeys
-from collafuse.system.launch import Fleet
+from collafuse.system.launch import Fleet, free_port, wait_for
 from tests.netclient import KEYRINGS, RawClient, RawWorker
 from tests.test_system import _status, start_broker, start_worker
 
@@ -247,6 +247,88 @@ def test_a_lone_trainer_and_a_trainer_group_do_not_mix(fleet):
     time.sleep(0.3)
     workers = {w["name"]: w for w in _status(front)["workers"]}
     assert workers["late"]["credit"]["train"] == 0 and workers["member"]["credit"]["train"] == 8
+
+
+def _next(worker: RawWorker, kind: str, timeout: float = 10.0, **fields) -> dict:
+    """The next message of this type (with these field values) to a raw worker; others skipped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        env, _ = worker.recv(max(0.01, deadline - time.monotonic()))
+        if env["type"] == kind and all(env.get(k) == v for k, v in fields.items()):
+            return env
+    raise TimeoutError(f"no {kind} {fields}")
+
+
+def test_a_trainer_that_breaks_every_generation_is_left_out_of_the_group(fleet):
+    """A trainer whose generations all fail (every rank reports such a failure, so no report names
+    it) is left out once it has failed --group-max-failures generations in a row without ever being
+    in one that stepped: the group re-forms without it, the train job it held goes to a member and
+    is answered once, it is told why and gets no train job again. Members that stepped stay."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200", "--group-settle", "0.1", "--group-max-failures", "2")
+    a, b = RawWorker(back, "a"), RawWorker(back, "b")
+    a.ready(group="127.0.0.1:29991", train_credit=8)
+    b.ready(group="127.0.0.1:29992", train_credit=4)
+    _next(a, "group", world=2)  # a may be alone in a first generation, formed before b registered
+    _next(b, "group", world=2)
+    node = RawClient(front, "n")
+    node.hello()
+    node.train("stepped")
+    assert a.next_job()[0]["job"] == "stepped"  # the most train credit
+    a.send(wire.encode("ack", job="stepped", client="n", step=1, loss=0.5))  # a generation of a and b stepped
+    assert _one_reply(node)["type"] == "ack"
+    c = RawWorker(back, "c")
+    c.ready(group="127.0.0.1:29993", train_credit=16)
+    held = False
+    for failure in range(2):
+        generation = [_next(w, "group") for w in (a, b, c)]
+        assert {g["world"] for g in generation} == {3} and generation[2]["rank"] == 2
+        if not held:
+            node.train("held")
+            assert c.next_job()[0]["job"] == "held"  # c holds it and never answers
+            held = True
+        for w in (a, b, c):
+            w.send(wire.encode("group_failed", id=generation[0]["id"]))
+    notice = _next(c, "error")
+    assert notice["job"] == "" and notice["code"] == "refused" and "left out of the trainer group" in notice["reason"]
+    after = [_next(w, "group") for w in (a, b)]
+    assert [g["world"] for g in after] == [2, 2] and [g["rank"] for g in after] == [0, 1]
+    env, _ = a.next_job()
+    assert env["job"] == "held"  # re-queued to a member
+    a.send(wire.encode("ack", job="held", client="n", step=2, loss=0.5))
+    assert _one_reply(node)["type"] == "ack"
+    workers = {w["name"]: w for w in _status(front)["workers"]}
+    assert workers["c"]["credit"]["train"] == 0 and workers["c"]["rank"] is None and not workers["c"]["trainer"]
+    assert _status(front)["trainer_group"]["world"] == 2
+    c.send(wire.encode("group_failed", id=after[0]["id"]))  # from a member left out: old news, no re-form
+    node.train("later")
+    assert a.next_job()[0]["job"] == "later"
+    with pytest.raises(TimeoutError):
+        _next(a, "group", timeout=1.0)
+
+
+def test_a_worker_left_out_of_the_group_serves_denoise_jobs_only(fleet):
+    """A real worker whose generations fail (the rank 0 it is given serves no rendezvous) is left
+    out after two failed generations in a row: it is told, says so in its log, leaves the group,
+    keeps running and serves denoise jobs."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200", "--group-settle", "3", "--group-max-failures", "2")
+    rank0 = RawWorker(back, "rank0")
+    rank0.ready(denoise_credit=0, group=f"127.0.0.1:{free_port()}")  # nobody serves this rendezvous
+    _next(rank0, "group", world=1)
+    start_worker(fleet, back, front, "w", "--group", f"127.0.0.1:{free_port()}", "--heartbeat-liveness", "50", "--group-timeout", "1")
+    for failure in range(2):
+        generation = _next(rank0, "group", timeout=30)
+        assert generation["world"] == 2
+        rank0.send(wire.encode("group_failed", id=generation["id"]))  # the worker reports its own failure within the settle
+    assert _next(rank0, "group", timeout=30)["world"] == 1
+    wait_for(lambda: "left out of the trainer group" in (fleet.logs / "w.log").read_text(), 30, what="the worker's log line")
+    workers = {w["name"]: w for w in _status(front)["workers"]}
+    assert workers["w"]["credit"]["train"] == 0 and workers["w"]["rank"] is None
+    node = RawClient(front, "n")
+    node.hello()
+    node.denoise("d", count=2)
+    reply = _one_reply(node, timeout=60)
+    assert reply["type"] == "result" and reply["count"] == 2
+    assert fleet.procs["w"].poll() is None  # still running
 
 
 def test_only_a_worker_holding_the_latest_acknowledged_step_becomes_the_trainer(fleet):

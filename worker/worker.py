@@ -155,7 +155,7 @@ class Worker(Stoppable):
                 image_shape=list(self.shape),
                 levels=self.limits.levels,
                 model=self.config.model,
-                **({"group": self.config.group} if self.config.group else {}),
+                **({"group": self.config.group} if self.group is not None else {}),
             )
         )
         self.last_heard = time.monotonic()
@@ -306,6 +306,16 @@ class Worker(Stoppable):
         elif env["code"] in (ErrorCode.INCOMPATIBLE, ErrorCode.FORBIDDEN):
             log.error("broker refused this worker: %s", env["reason"])
             self.stopping = True
+        elif env["code"] == ErrorCode.REFUSED and not env["job"] and self.group is not None:
+            self.leave_group(env["reason"])
+
+    def leave_group(self, reason: str) -> None:
+        """The broker left this trainer out of the group: from now on it is a denoise-only worker on
+        the relayed weights (the broker re-queued its train jobs), also when it reconnects."""
+        log.error("%s", reason)
+        self.group = None
+        self.batcher.pending.clear()
+        self.batcher.drop_held()
 
     # ---- training ---------------------------------------------------------------------------
     def on_train(self, env: dict, frames: list[zmq.Frame]) -> None:
