@@ -42,9 +42,12 @@ class Compiled:
     e.g. below and above 16 rows); after, it runs eagerly: a worker compiles while it warms up, never
     for minutes inside its serving loop."""
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, static: bool = False) -> None:
+        """`static`: one graph per batch size instead (the batch dimension not marked dynamic), an
+        experiment for `bench raw --static`: whether kernels specialised to a batch run faster."""
         self.fn = fn
-        self.compiled = torch.compile(fn)
+        self.static = static
+        self.compiled = torch.compile(fn, dynamic=False) if static else torch.compile(fn)
         self.stance = "default"
 
     def settle(self, settled: bool = True) -> None:
@@ -54,7 +57,7 @@ class Compiled:
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         if x.shape[0] < 2:
             return self.fn(x, *args, **kwargs)
-        for a in (x, *args, *kwargs.values()):  # the batch dimension only: the image's stay static, as fast kernels want
+        for a in (x, *args, *kwargs.values()) if not self.static else ():  # the batch dimension only: the image's stay static
             if isinstance(a, torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
         with torch.compiler.set_stance(self.stance):

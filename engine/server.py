@@ -69,6 +69,7 @@ class ServerParty:
         cuda_graphs: bool = False,
         compile: bool = False,
         compile_train: bool = False,
+        compile_static: bool = False,
     ) -> None:
         self.image_shape, self.train_config = image_shape, train
         self.scheduler = Scheduler(diffusion)
@@ -81,10 +82,10 @@ class ServerParty:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this server model is on {self.device}")
         self.cuda_graphs = cuda_graphs
-        # Compiled (engine/compiled.py): the denoising forward (`compile`), the training forward and its
-        # backward (`compile_train`).
+        # Compiled (engine/compiled.py): the denoising forward (`compile`; one graph per batch size
+        # with `compile_static`), the training forward and its backward (`compile_train`).
         self.compiled = compile
-        self._compiled_eps = Compiled(self.eps) if compile else None
+        self._compiled_eps = Compiled(self.eps, static=compile_static) if compile else None
         self._compiled_model = Compiled(self.model) if compile_train else None
         self._graphed: dict[int, GraphedForward] = {}
         self.step = 0

@@ -24,12 +24,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _party(model: str, size: int, device: str, bf16: bool, cuda_graphs: bool = False, compile: bool = False, compile_train: bool = False):
+def _party(model: str, size: int, device: str, bf16: bool, cuda_graphs: bool = False, compile: bool = False, compile_train: bool = False,
+           compile_static: bool = False):
     from collafuse.diffusion.models import resolve_device
     from collafuse.engine.server import ServerParty
 
     return ServerParty((1, size, size), model, device=resolve_device(device), autocast_bf16=bf16, cuda_graphs=cuda_graphs, compile=compile,
-                       compile_train=compile_train)
+                       compile_train=compile_train, compile_static=compile_static)
 
 
 def _forward_inputs(party, batch: int):
@@ -82,18 +83,20 @@ def _largest_difference(a, b, batch: int) -> float:
 @app.command()
 def raw(
     model: str = "paper", size: int = 128, batch: str = "1,64,256", device: str = "auto", bf16: bool = False, seconds: float = 5.0,
-    cuda_graphs: bool = False, compile: bool = False,
+    cuda_graphs: bool = False, compile: bool = False, static: bool = False,
 ) -> None:
     """The raw model forward rate per batch size (image-steps/s). With --compile, the compiled
     forward beside the same forward eager, measured eager, compiled, eager again (the ratio is to the
-    faster eager figure), with the compile time and the largest difference of their outputs."""
+    faster eager figure), with the compile time and the largest difference of their outputs. With
+    --static too, compiled with one graph per batch size (as the worker does not: its batch dimension
+    is dynamic), to see what kernels specialised to a batch would gain."""
     eager = _party(model, size, device, bf16, cuda_graphs)
-    compiled = _party(model, size, device, bf16, cuda_graphs, compile=True) if compile else None
+    compiled = _party(model, size, device, bf16, cuda_graphs, compile=True, compile_static=static) if compile else None
     for b in (int(x) for x in batch.split(",")):
         eager.warm_up(b)
         rate = forward_rate(eager, b, seconds)
         row = {"what": "raw_forward", "model": model, "size": size, "batch": b, "bf16": bf16, "cuda_graphs": cuda_graphs,
-               "image_steps_per_s": round(rate, 1)}
+               "image_steps_per_s": round(rate, 1), **({"compile_shapes": "static" if static else "dynamic"} if compile else {})}
         if compiled is not None:
             reports = compiled.warm_up(b)
             fast = forward_rate(compiled, b, seconds)

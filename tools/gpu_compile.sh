@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 on a lent GPU machine (device tool), in order of value, each step with its own time limit:
 # a compiled worker's cold and warm start (which also fills the compile cache the later steps reuse),
-# the compiled forward against the graphed eager one, the CUDA tests, the system at max batch 256
+# the compiled forward against the graphed eager one (dynamic batch, then one graph per batch size), the CUDA tests, the system at max batch 256
 # (4-row jobs, then 1-row DDIM-10 jobs), the compiled training step, and 1,000 clients of mixed load
 # on a compiled trainer. The limits add up to more than one 10-minute call: on an H200 the first
 # four steps took 7 minutes and a system step 2.3 minutes (BENCHMARKS.md), so give the rest a
@@ -24,6 +24,7 @@ step() {
 P="--model paper --size 128 --bf16"
 step 200 $B start $P --max-batch 256 --no-train --cache "$TORCHINDUCTOR_CACHE_DIR"
 step 100 $B raw $P --batch 1,8,64,256 --cuda-graphs --compile --seconds 2
+step 200 $B raw $P --batch 64,256 --cuda-graphs --compile --static --seconds 2  # one graph per batch size: the issue's 2.5x method
 step 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py "tests/test_data_parallel.py::test_ranks_step_as_one_trainer_with_the_union_of_their_rows"
 step 60 python3 tools/gpu_correctness.py
 step 180 $B system $P --max-batch 256 --clients 256 --rows 4 --duration 8 --ddim-steps 100 --no-single --cuda-graphs --compile
