@@ -176,7 +176,7 @@ def run_simulation(config: SimulateConfig, out: Path, resume: bool = False, trac
         "clients": [
             {
                 "name": c.name,
-                "cut_ratio": c.cut.ratio,
+                "cut_ratio": config.client_cut_ratios()[i],  # as given; t_c is what it rounds to
                 "t_c": c.cut.t_c,
                 "images": int(c.data.shape[0]),
                 "data": data.provenance[i],

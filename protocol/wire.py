@@ -100,13 +100,14 @@ def _cut(for_server: bool) -> Check:
     """t_c as a `Cut` of the chain T = limits.levels; a job for the server needs a cut below T."""
 
     def check(v: Any, limits: ProtocolLimits) -> str | None:
+        highest = limits.levels - 1 if for_server else limits.levels  # a client with t_c = T sends the server nothing
+        if type(v) is not int:  # the value itself is never echoed: it may be anything a peer invents
+            return "must be an integer"
         try:
             cut = Cut(v, limits.levels)
-        except ValueError as exc:
-            return f"is not a cut: {exc}"
-        if for_server and not cut.uses_server:
-            return f"must lie in [0, {limits.levels - 1}]: a client with t_c = T sends the server nothing"
-        return None
+        except ValueError:
+            return f"must lie in [0, {highest}]"
+        return None if cut.t_c <= highest else f"must lie in [0, {highest}]"
 
     return check
 
@@ -202,8 +203,9 @@ def check_train_values(env: dict[str, Any], arrays: dict[str, np.ndarray], limit
     that are not finite or beyond the bounds in `limits`, and ε₂ rows whose mean or variance is
     not that of standard normal noise (a constant ε₂ = 100, or a pattern of ±8, is not noise)."""
     t, x_t, eps = arrays["t"], arrays["x_t"], arrays["eps"]
-    if ((t <= env["t_c"]) | (t > limits.levels)).any():
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"train levels t must lie in ({env['t_c']}, {limits.levels}]", env["job"])
+    cut = cut_of(env, limits)
+    if ((t <= cut.t_c) | (t > cut.levels)).any():
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"train levels t must lie in ({cut.t_c}, {cut.levels}]", env["job"])
     for name, values, bound in (("x_t", x_t, limits.max_abs_x_t), ("eps", eps, limits.max_abs_eps)):
         lo, hi = float(values.min()), float(values.max())  # a NaN anywhere makes both NaN, an infinity one of them
         if not (np.isfinite(lo) and np.isfinite(hi)):

@@ -57,6 +57,11 @@ def test_valid_train_message_passes():
         (train_env(rows=10**9), ErrorCode.BAD_FIELD),
         (train_env(t_c=100), ErrorCode.BAD_FIELD),  # a client with t_c = T never talks to the server
         (train_env(t_c=-1), ErrorCode.BAD_FIELD),
+        (train_env(t_c=60.0), ErrorCode.BAD_FIELD),
+        (train_env(t_c=True), ErrorCode.BAD_FIELD),
+        (train_env(t_c=[[[60]]]), ErrorCode.BAD_FIELD),
+        (train_env(type="denoise", count=2, seed=0, first_row=0, sampler="ddim", steps=4, eta=0.0, t_c=100), ErrorCode.BAD_FIELD),
+        (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "hello", "client": "a", "t_c": 101, "image_shape": [1, 32, 32], "levels": 100}), ErrorCode.BAD_FIELD),
         (train_env(job=""), ErrorCode.BAD_FIELD),
         (train_env(job="x" * 500), ErrorCode.BAD_FIELD),
         (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "status", "pad": "x" * 70000}), ErrorCode.TOO_LARGE),
@@ -244,3 +249,17 @@ def test_trainer_group_messages_are_checked():
     for bad in ("h" * 300, "no-port", "h:0", "h:99999", ":80", 5):
         with pytest.raises(ProtocolError):
             wire.decode(wire.encode("ready", **ready, group=bad), LIM)
+
+
+def test_the_cut_is_checked_by_its_own_rule_at_the_wire():
+    """hello may announce t_c = T (a purely local node); a job for the server needs t_c < T; the
+    reason names the range and never echoes what a peer sent; the accepted value comes out typed."""
+    hello = {"v": wire.PROTOCOL_VERSION, "type": "hello", "client": "a", "image_shape": [1, 32, 32], "levels": 100}
+    assert wire.cut_of(wire.decode(msgpack.packb({**hello, "t_c": 100}), LIM), LIM).uses_server is False
+    for t_c, kind in ((100, "train"), (101, "hello"), ("x" * 900, "train")):
+        frame = train_env(t_c=t_c) if kind == "train" else msgpack.packb({**hello, "t_c": t_c})
+        with pytest.raises(ProtocolError) as err:
+            wire.decode(frame, LIM)
+        assert err.value.code == ErrorCode.BAD_FIELD and "t_c" in err.value.reason and "xxx" not in err.value.reason
+    assert "[0, 99]" in str(pytest.raises(ProtocolError, wire.decode, train_env(t_c=100), LIM).value)
+    assert wire.cut_of(wire.decode(train_env(t_c=99), LIM), LIM).t_c == 99
