@@ -459,6 +459,8 @@ class Broker(Stoppable):
         elif kind == "heartbeat":
             if isinstance(env.get("stats"), dict):
                 worker.stats = env["stats"]
+            if worker.group and isinstance(worker.stats.get("generation"), str):
+                self.group.formed(route, worker.stats["generation"], time.monotonic())
             if self.trainer is None and worker.trainer and not worker.group and self.may_train(worker):
                 self.trainer = route  # e.g. the trainer back from its checkpoint, which reports its step here
                 log.info("worker %s is the trainer now (at step %s)", worker.name, worker.stats.get("step"))
@@ -537,8 +539,6 @@ class Broker(Stoppable):
             self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
             return
         worker.completed += 1
-        if env["type"] == "ack" and worker.group:
-            self.group.stepped(worker.route)
         if env["type"] == "ack" and not worker.group:
             self.acked_step = max(self.acked_step or 0, env["step"])
             self.acks_durable = bool(worker.stats.get("durable", True))
@@ -598,11 +598,13 @@ class Broker(Stoppable):
             return True
         return max(int(worker.stats.get("step") or 0), self.relayed_version) >= self.acked_step
 
-    def requeue(self, worker: WorkerState) -> None:
-        for job in sorted(worker.jobs.values(), key=lambda j: j.received, reverse=True):
+    def requeue(self, worker: WorkerState, *kinds: str) -> None:
+        """The jobs this worker holds (of these kinds; all without) back to the front of their queues, in their order."""
+        held = [job for job in worker.jobs.values() if not kinds or job.kind in kinds]
+        for job in sorted(held, key=lambda j: j.received, reverse=True):
+            self.release(worker, (job.client, job.job_id))
             if self.jobs.get((job.client, job.job_id)) is job:  # not already answered (e.g. timed out)
                 self.enqueue(job, front=True)
-        worker.jobs.clear()
 
     # ---- dispatch, deadlines and heartbeats -------------------------------------------------
     def takers(self, kind: str) -> list[WorkerState]:
@@ -629,32 +631,29 @@ class Broker(Stoppable):
         if generation is None:
             return
         log.info("trainer group %s: %s", generation.id, ", ".join(self.workers[r].name for r in generation.members) or "empty")
-        for route in generation.left_out:
-            self.leave_out(route)
+        if generation.left_out is not None:
+            self.leave_out(generation.left_out)
         for route in generation.members:
             self.backend.send_multipart([route, wire.encode("group", **generation.message(route))])
         if generation.members:
             self.trainer = generation.members[0]
 
     def leave_out(self, route: bytes) -> None:
-        """A trainer the group left out (broker/group.py) serves denoise jobs only: its train jobs go
-        back to the queue, it gets the trainer's weights from now on, and it is told why."""
+        """A trainer the group left out (broker/group.py) serves denoise jobs only: it is told why,
+        its train jobs go back to the queue, and it gets the trainer's weights from now on."""
         worker = self.workers.get(route)
         if worker is None:
             return
-        for key, job in list(worker.jobs.items()):
-            if job.kind == "train" and self.release(worker, key) is job and self.jobs.get(key) is job:
-                self.enqueue(job, front=True)
+        reason = ("left out of the trainer group: its generations failed, one without it formed, and the next with it failed again "
+                  "(can the other ranks reach its --group address? of two members, the newer is left out); it serves denoise jobs "
+                  "only until it restarts")
+        log.warning("worker %s %s", worker.name, reason)
+        self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])  # first: the relays below are for a non-member
+        self.requeue(worker, "train")
         worker.group, worker.trainer = "", False
         worker.credit["train"] = worker.max_credit["train"] = 0
-        if self.trainer == route:
-            self.trainer = None  # the new generation's rank 0 takes over, if it has one
         for part in self.relayed["weights"]:
             self.backend.send_multipart([route, *part], copy=False)
-        reason = (f"left out of the trainer group: {self.group.max_failures} generations in a row failed with it and none it was in "
-                  f"ever stepped (can the other ranks reach its --group address?); it serves denoise jobs only until it restarts")
-        log.warning("worker %s %s", worker.name, reason)
-        self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])
 
     def dispatch(self) -> None:
         """Round robin: the (client, kind) queue served last goes to the back of the line; a queue

@@ -8,12 +8,19 @@ current generation failed (a collective timed out or lost a peer), so that sever
 new generation. After a failure only the members that reported it (and newcomers) are kept: a dead
 rank never reports, and a slow one that reports later joins the next generation as a newcomer.
 
-A member that breaks every generation it is in (an address the others cannot reach) would make the
-group re-form without end, and every rank reports such a failure, so reports cannot name it. The
-group counts each member's failed generations in a row; once a member that has never been in a
-generation that stepped reaches `max_failures`, the newest such member is left out (one per
-re-form, so an older culprit is found after the newer innocents). Members of a generation that
-stepped are trusted from then on: their failures are the network's, and they are kept.
+A member that breaks every generation it is in (e.g. an address the others cannot reach) would
+make the group re-form without end, and every rank reports such a failure, so no report names it.
+The group finds it by exclusion. Each member's failed generations in a row are counted; once
+members that have never been in a generation that formed reach `max_failures`, the newest of them
+is put on trial: the next generations leave it out. If one fails, it returns and the next suspect,
+older, is tried (once all have been, each gets one generation back before the next round). If one
+forms, the suspect is let back in at once, to check: it is left out for good only if that
+generation fails, and trusted if it forms (a network outage that ended meanwhile). So a culprit
+among the oldest (rank 0, whose rendezvous everyone uses) is found after the newer innocents have
+been tried and returned, and nobody is left out while the fault is elsewhere. A generation has
+formed once a member says so in its heartbeat (joining takes a collective over every rank); the
+members of one of two or more ranks are trusted from then on. With two members a generation of
+one forms whoever is at fault: then the newer one (tried first) is left out.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class Generation:
     id: str
     members: list[bytes]  # routes, in rank order
     store: str  # rank 0's rendezvous address
-    left_out: list[bytes] = field(default_factory=list)  # members this re-form left out for failing every generation
+    left_out: bytes | None = None  # the member this re-form left out for good (found breaking every generation)
 
     def message(self, route: bytes) -> dict:
         return {"id": self.id, "rank": self.members.index(route), "world": len(self.members), "store": self.store}
@@ -39,7 +46,7 @@ class Generation:
 @dataclass
 class TrainerGroup:
     settle: float  # seconds to wait after an event before re-forming
-    max_failures: int = 3  # failed generations in a row after which a member that never stepped is left out
+    max_failures: int = 3  # failed generations in a row after which a member that never formed one is suspected
     candidates: dict[bytes, str] = field(default_factory=dict)  # every live member → its rendezvous address, oldest first
     current: Generation = field(default_factory=lambda: Generation("", [], ""))
     count: int = 0  # generations formed in this broker run
@@ -47,7 +54,14 @@ class TrainerGroup:
     reform_at: float | None = None
     model: str = ""  # the model preset every member trains
     failures: dict[bytes, int] = field(default_factory=dict)  # member → failed generations in a row it was in
-    proven: set[bytes] = field(default_factory=set)  # members that have been in a generation that stepped
+    proven: set[bytes] = field(default_factory=set)  # members that have been in a generation that formed
+    trial: bytes | None = None  # the suspect the generations leave out until one fails (it returns) or forms
+    checking: bytes | None = None  # a suspect let back in after a generation formed without it: guilty if this one fails
+    tried: set[bytes] = field(default_factory=set)  # suspects tried and returned in this round
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be at least 1, got {self.max_failures}")
 
     def rank(self, route: bytes) -> int | None:
         return self.current.members.index(route) if route in self.current.members else None
@@ -70,23 +84,43 @@ class TrainerGroup:
     def leave(self, route: bytes, now: float) -> None:
         """A member is gone; only one of the current generation makes a re-form due (its peers'
         collectives fail and they report; a newcomer that leaves before joining changes nothing)."""
-        self.candidates.pop(route, None)
-        self.failures.pop(route, None)
-        self.proven.discard(route)
+        self._forget(route)
         if route in self.current.members:
             self._due(now)
 
-    def stepped(self, route: bytes) -> None:
-        """A member acknowledged a step: its generation works, so all its members are trusted."""
-        if route in self.current.members:
-            self.proven.update(self.current.members)
-            for member in self.current.members:
+    def _forget(self, route: bytes) -> None:
+        self.candidates.pop(route, None)
+        self.failures.pop(route, None)
+        self.proven.discard(route)
+        self.tried.discard(route)
+        if self.trial == route:
+            self.trial = None
+        if self.checking == route:
+            self.checking = None
+
+    def formed(self, route: bytes, generation: str, now: float) -> None:
+        """A member says it is in `generation`. For the current one: every member reached every
+        other, so their runs of failures end (and with two or more, they are trusted); a suspect
+        checked in it is cleared; a suspect on trial, left out of it, is let back in at once to check."""
+        if generation != self.current.id or route not in self.current.members:
+            return
+        for member in self.current.members:
+            if member in self.candidates:
                 self.failures.pop(member, None)
+                if len(self.current.members) >= 2:
+                    self.proven.add(member)
+        self.tried.clear()
+        if self.checking in self.current.members:
+            self.checking = None
+        if self.trial is not None:
+            self.checking, self.trial = self.trial, None
+            self._due(now)
 
     def failed(self, route: bytes, generation: str, now: float) -> None:
         """A member says a generation failed. For the current one, it is kept in the next; a stale
-        report from a member of the current generation is old news; from anyone else, a wish to join."""
-        if route not in self.candidates:
+        report from a member of the current generation is old news; from anyone else, a wish to join
+        (not from the member on trial: it is left out on purpose)."""
+        if route not in self.candidates or route == self.trial:
             return
         if generation == self.current.id and route in self.current.members:
             self.reported.add(route)
@@ -100,28 +134,42 @@ class TrainerGroup:
 
     def reform(self, epoch: str, now: float) -> Generation | None:
         """The next generation once a re-form is due (None until then): the survivors in their old
-        rank order (rank 0 stays rank 0 while it lives), then the newcomers."""
+        rank order (rank 0 stays rank 0 while it lives), then the newcomers; the member on trial in
+        neither."""
         if self.reform_at is None or now < self.reform_at:
             return None
-        left_out = self._count_failures()
+        left_out = None
+        if self.reported:
+            left_out = self._failed_generation()
+        else:
+            for member in self.current.members:
+                self.failures.pop(member, None)  # a generation that did not fail ends every run
         kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
-        members = kept + [r for r in self.candidates if r not in self.current.members]
+        members = [r for r in kept + [r for r in self.candidates if r not in self.current.members] if r != self.trial]
         self.count += 1
         self.current = Generation(f"{epoch}-{self.count}", members, self.candidates[members[0]] if members else "", left_out)
         self.reported.clear()
         self.reform_at = None
         return self.current
 
-    def _count_failures(self) -> list[bytes]:
-        """Add the generation that ends now to its members' runs of failures (a generation that did
-        not fail ends every run), and leave out the newest member that never stepped and has failed
-        `max_failures` times in a row: taken from the candidates, it is in no generation again."""
+    def _failed_generation(self) -> bytes | None:
+        """Count the failure against the members it had. A suspect being checked in it is the
+        culprit: it is forgotten and returned. A member on trial returns (the group failed without
+        it too); the newest suspect not tried in this round goes on trial."""
         for member in self.current.members:
-            self.failures[member] = self.failures.get(member, 0) + 1 if self.reported else 0
+            if member in self.candidates:
+                self.failures[member] = self.failures.get(member, 0) + 1
+        culprit = self.checking if self.checking in self.current.members else None
+        if culprit is not None:
+            self._forget(culprit)
+            return culprit
+        if self.trial is not None:
+            self.tried.add(self.trial)
+            self.trial = None
         suspects = [r for r in self.candidates if r not in self.proven and self.failures.get(r, 0) >= self.max_failures]
-        if not suspects:
-            return []
-        culprit = suspects[-1]
-        del self.candidates[culprit]
-        del self.failures[culprit]
-        return [culprit]
+        untried = [r for r in suspects if r not in self.tried]
+        if suspects and not untried:
+            self.tried.clear()  # every suspect returned: each gets this generation back, then a new round
+        elif untried:
+            self.trial = untried[-1]
+        return None

@@ -189,7 +189,7 @@ class BrokerConfig:
     no_worker_wait: float = 60.0  # a queued job that no live worker can take is answered "unavailable" after this
     job_timeout: float = 900.0  # a job a worker holds longer than this is answered "timeout"
     group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
-    group_max_failures: int = 3  # failed generations in a row after which a trainer that never stepped in one is left out
+    group_max_failures: int = 3  # failed generations in a row after which a trainer that never formed one is a suspect (broker/group.py)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 

@@ -151,36 +151,68 @@ def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     assert g.reform("E", now=9.0) is None
 
 
-def test_the_group_leaves_out_the_newest_member_that_never_stepped_and_fails_every_generation():
+def test_the_group_finds_a_member_that_breaks_every_generation_by_leaving_suspects_out_in_turn():
     from collafuse.broker.group import TrainerGroup
 
-    def fail_all(g: TrainerGroup, now: float):
+    clock = iter(range(10, 1000, 2))
+
+    def fail(g: TrainerGroup):
+        """Every member reports the current generation failed; the next one."""
+        now = float(next(clock))
         for member in g.current.members:
             g.failed(member, g.current.id, now)
         return g.reform("E", now + 1)
 
-    g = TrainerGroup(settle=0.5, max_failures=3)
-    for i, route in enumerate((b"a", b"b", b"c")):
-        g.join(route, f"h:{i}", "tiny", now=0.0)
-    assert g.reform("E", now=1.0).members == [b"a", b"b", b"c"]  # a fresh group: nobody has stepped
-    assert fail_all(g, 2.0).left_out == [] and fail_all(g, 4.0).left_out == []
-    third = fail_all(g, 6.0)
-    assert third.left_out == [b"c"] and third.members == [b"a", b"b"]  # the newest of the suspects, one per re-form
-    g.stepped(b"b")  # a and b step together: trusted from now on
-    for now in range(8, 30, 2):
-        assert fail_all(g, float(now)).left_out == []  # their failures are the network's
-    g.join(b"d", "h:3", "tiny", now=30.0)
-    assert g.reform("E", now=31.0).members == [b"a", b"b", b"d"]
-    assert [fail_all(g, now).left_out for now in (32.0, 34.0, 36.0)] == [[], [], [b"d"]]
-    g.join(b"e", "h:4", "tiny", now=40.0)
-    g.reform("E", now=41.0)
-    fail_all(g, 42.0)
-    fail_all(g, 44.0)
-    g.join(b"f", "h:5", "tiny", now=45.0)  # a re-form for a join, not a failure, ends every run of failures
-    assert g.reform("E", now=46.0).members == [b"a", b"b", b"e", b"f"]
-    assert fail_all(g, 47.0).left_out == [] and fail_all(g, 49.0).left_out == []
-    assert fail_all(g, 51.0).left_out == [b"f"]  # e and f both reach 3 here: the newest goes first
-    assert fail_all(g, 53.0).left_out == [b"e"]
+    def form(g: TrainerGroup):
+        """The current generation formed (its rank 0 says so); the re-form that may follow."""
+        now = float(next(clock))
+        g.formed(g.current.members[0], g.current.id, now)
+        return g.reform("E", now + 1)
+
+    def group(*routes: bytes, max_failures: int = 2) -> TrainerGroup:
+        g = TrainerGroup(settle=0.5, max_failures=max_failures)
+        for i, route in enumerate(routes):
+            g.join(route, f"h:{i}", "tiny", now=0.0)
+        g.reform("E", now=1.0)
+        return g
+
+    g = group(b"a", b"b", b"c")  # fresh: nobody is trusted; a, rank 0, is the culprit
+    assert fail(g).members == [b"a", b"b", b"c"]
+    assert fail(g).members == [b"a", b"b"]  # two failures each: the newest suspect, c, on trial
+    assert fail(g).members == [b"a", b"c"]  # failed without c too: c returns, b on trial
+    g.failed(b"b", g.current.id, now=500.0)  # the member on trial has nothing to report about it
+    assert g.reform("E", now=501.0) is None
+    assert fail(g).members == [b"c", b"b"]  # and without b: a on trial
+    assert form(g).members == [b"c", b"b", b"a"]  # c and b formed: a is let back in to check
+    last = fail(g)
+    assert last.left_out == b"a" and last.members == [b"c", b"b"] and list(g.candidates) == [b"b", b"c"]
+    for _ in range(6):
+        assert fail(g).members == [b"c", b"b"]  # members of a generation that formed are never suspects
+
+    g = group(b"a", b"b", b"c")
+    assert form(g) is None  # an idle group that formed: trusted without a step
+    g.join(b"d", "h:3", "tiny", now=2.0)
+    assert g.reform("E", now=3.0).members == [b"a", b"b", b"c", b"d"]
+    fail(g)
+    assert fail(g).members == [b"a", b"b", b"c"]  # d on trial
+    assert form(g).members == [b"a", b"b", b"c", b"d"]  # formed without d: d checked
+    assert fail(g).left_out == b"d" and b"d" not in g.candidates
+
+    g.join(b"e", "h:4", "tiny", now=600.0)
+    g.reform("E", now=601.0)
+    fail(g)
+    assert fail(g).members == [b"a", b"b", b"c"]  # e on trial, during a network outage
+    assert fail(g).members == [b"a", b"b", b"c", b"e"]  # failed without e too: e returns for a generation
+    assert fail(g).members == [b"a", b"b", b"c"]  # and is tried again
+    assert form(g).members == [b"a", b"b", b"c", b"e"]  # the outage ends: e checked
+    assert form(g) is None and b"e" in g.proven and g.checking is None  # formed with e: e stays, trusted
+
+    two = group(b"x", b"y", max_failures=1)
+    assert fail(two).members == [b"x"]  # y, the newer, on trial
+    assert form(two).members == [b"x", b"y"]  # a generation of one forms whoever is at fault: y checked
+    assert fail(two).left_out == b"y" and b"x" not in two.proven  # one rank alone proves nothing about addresses
+    with pytest.raises(ValueError):
+        TrainerGroup(settle=0.5, max_failures=0)
 
 
 def test_a_rank_whose_last_step_the_group_lost_sends_no_ack_for_it():

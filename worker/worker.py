@@ -20,7 +20,7 @@ import gc
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -174,8 +174,10 @@ class Worker(Stoppable):
         now = time.monotonic()
         if now >= self.next_heartbeat:
             rank = self.group.rank if self.group is not None else None
+            generation = self.group.generation if rank is not None else ""  # the one this rank formed with the others
             self.send(wire.encode("heartbeat", stats={**asdict(self.stats), "max_batch": self.config.max_batch, "step": self.party.step,
-                                                      "rows": self.party.rows_applied, "rank": rank, "durable": bool(self.config.checkpoint)}))
+                                                      "rows": self.party.rows_applied, "rank": rank, "generation": generation,
+                                                      "durable": bool(self.config.checkpoint)}))
             self.next_heartbeat = now + self.config.heartbeat.interval
 
     def keep_alive(self, now: float) -> None:
@@ -311,9 +313,11 @@ class Worker(Stoppable):
 
     def leave_group(self, reason: str) -> None:
         """The broker left this trainer out of the group: from now on it is a denoise-only worker on
-        the relayed weights (the broker re-queued its train jobs), also when it reconnects."""
+        the relayed weights (the broker re-queued its train jobs), also when it reconnects, and it
+        writes no checkpoint (its weights are the relays, not a trainer's state)."""
         log.error("%s", reason)
         self.group = None
+        self.config = replace(self.config, trainer=False, checkpoint="")
         self.batcher.pending.clear()
         self.batcher.drop_held()
 
