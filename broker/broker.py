@@ -635,8 +635,7 @@ class Broker(Stoppable):
             self.leave_out(generation.left_out)
         for route in generation.members:
             self.backend.send_multipart([route, wire.encode("group", **generation.message(route))])
-        if generation.members:
-            self.trainer = generation.members[0]
+        self.trainer = generation.members[0] if generation.members else None
 
     def leave_out(self, route: bytes) -> None:
         """A trainer the group left out (broker/group.py) serves denoise jobs only: it is told why,
@@ -650,6 +649,8 @@ class Broker(Stoppable):
         log.warning("worker %s %s", worker.name, reason)
         self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])  # first: the relays below are for a non-member
         self.requeue(worker, "train")
+        if self.trainer == route:
+            self.trainer = None
         worker.group, worker.trainer = "", False
         worker.credit["train"] = worker.max_credit["train"] = 0
         for part in self.relayed["weights"]:

@@ -10,17 +10,21 @@ rank never reports, and a slow one that reports later joins the next generation 
 
 A member that breaks every generation it is in (e.g. an address the others cannot reach) would
 make the group re-form without end, and every rank reports such a failure, so no report names it.
-The group finds it by exclusion. Each member's failed generations in a row are counted; once
-members that have never been in a generation that formed reach `max_failures`, the newest of them
-is put on trial: the next generations leave it out. If one fails, it returns and the next suspect,
-older, is tried (once all have been, each gets one generation back before the next round). If one
-forms, the suspect is let back in at once, to check: it is left out for good only if that
-generation fails, and trusted if it forms (a network outage that ended meanwhile). So a culprit
-among the oldest (rank 0, whose rendezvous everyone uses) is found after the newer innocents have
-been tried and returned, and nobody is left out while the fault is elsewhere. A generation has
-formed once a member says so in its heartbeat (joining takes a collective over every rank); the
-members of one of two or more ranks are trusted from then on. With two members a generation of
-one forms whoever is at fault: then the newer one (tried first) is left out.
+The group looks for it by exclusion, and leaves it out only on evidence. Each member's failed
+generations in a row are counted; once members that have never been in a generation that formed
+reach `max_failures`, and the group has three candidates or more, the newest of them is put on
+trial: the next generations leave it out. If one fails, it returns and the next suspect, older, is
+tried (once all have been, each gets one generation back before the next round). If a generation
+of every other candidate forms, the suspect is let back in at once into exactly that generation
+(newcomers wait one re-form): if it fails and every other member reports the failure, the suspect
+is left out for good; anything else (it forms, a member goes silent) clears the check. A
+generation has formed once each of its members says so in its heartbeat. Members of a formed
+generation of two or more are trusted: never suspects again.
+
+What it does not find: a fault of two members at once (no generation without one of them forms),
+one that lets generations form and then breaks them (a rank too slow for the collective timeout),
+or one in a group of two (either alone forms a generation): those groups re-form until an
+operator stops the member (`collafuse status` shows the generations).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Generation:
 @dataclass
 class TrainerGroup:
     settle: float  # seconds to wait after an event before re-forming
-    max_failures: int = 3  # failed generations in a row after which a member that never formed one is suspected
+    max_failures: int = 3  # failed generations in a row after which a member that never formed one is a suspect
     candidates: dict[bytes, str] = field(default_factory=dict)  # every live member → its rendezvous address, oldest first
     current: Generation = field(default_factory=lambda: Generation("", [], ""))
     count: int = 0  # generations formed in this broker run
@@ -54,9 +58,12 @@ class TrainerGroup:
     reform_at: float | None = None
     model: str = ""  # the model preset every member trains
     failures: dict[bytes, int] = field(default_factory=dict)  # member → failed generations in a row it was in
-    proven: set[bytes] = field(default_factory=set)  # members that have been in a generation that formed
+    proven: set[bytes] = field(default_factory=set)  # members of a formed generation of two or more
+    claims: set[bytes] = field(default_factory=set)  # members that said the current generation formed
     trial: bytes | None = None  # the suspect the generations leave out until one fails (it returns) or forms
-    checking: bytes | None = None  # a suspect let back in after a generation formed without it: guilty if this one fails
+    checking: bytes | None = None  # a suspect let back into the generation that formed without it
+    cleared_with: list[bytes] = field(default_factory=list)  # that generation's members
+    check_id: str = ""  # the id of the generation that checks `checking`
     tried: set[bytes] = field(default_factory=set)  # suspects tried and returned in this round
 
     def __post_init__(self) -> None:
@@ -99,21 +106,24 @@ class TrainerGroup:
             self.checking = None
 
     def formed(self, route: bytes, generation: str, now: float) -> None:
-        """A member says it is in `generation`. For the current one: every member reached every
-        other, so their runs of failures end (and with two or more, they are trusted); a suspect
-        checked in it is cleared; a suspect on trial, left out of it, is let back in at once to check."""
-        if generation != self.current.id or route not in self.current.members:
+        """A member says it is in `generation`. Once every member of the current one has: their runs
+        of failures end and (two or more) they are trusted; a suspect it checked is cleared; if it
+        is every candidate but the suspect on trial, that suspect is let back in, to check."""
+        if generation != self.current.id or route not in self.current.members or route in self.claims:
             return
-        for member in self.current.members:
-            if member in self.candidates:
-                self.failures.pop(member, None)
-                if len(self.current.members) >= 2:
-                    self.proven.add(member)
+        self.claims.add(route)
+        if len(self.claims) < len(self.current.members):
+            return
+        members = self.current.members
+        for member in members:
+            self.failures.pop(member, None)
+            if len(members) >= 2:
+                self.proven.add(member)
         self.tried.clear()
-        if self.checking in self.current.members:
+        if self.checking in members:
             self.checking = None
-        if self.trial is not None:
-            self.checking, self.trial = self.trial, None
+        if self.trial is not None and set(members) == set(self.candidates) - {self.trial}:
+            self.checking, self.cleared_with, self.trial = self.trial, list(members), None
             self._due(now)
 
     def failed(self, route: bytes, generation: str, now: float) -> None:
@@ -135,37 +145,51 @@ class TrainerGroup:
     def reform(self, epoch: str, now: float) -> Generation | None:
         """The next generation once a re-form is due (None until then): the survivors in their old
         rank order (rank 0 stays rank 0 while it lives), then the newcomers; the member on trial in
-        neither."""
+        neither; a check generation is the one that formed and the member it checks."""
         if self.reform_at is None or now < self.reform_at:
             return None
-        left_out = None
-        if self.reported:
-            left_out = self._failed_generation()
-        else:
+        left_out = self._failed_generation() if self.reported else None
+        if not self.reported:
             for member in self.current.members:
                 self.failures.pop(member, None)  # a generation that did not fail ends every run
-        kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
-        members = [r for r in kept + [r for r in self.candidates if r not in self.current.members] if r != self.trial]
+            self.tried.clear()
+        if self.current.id == self.check_id:
+            self.checking = None  # a check ends with its generation, decided or not
         self.count += 1
-        self.current = Generation(f"{epoch}-{self.count}", members, self.candidates[members[0]] if members else "", left_out)
+        generation_id = f"{epoch}-{self.count}"
+        if self.checking is not None:
+            members = [r for r in self.cleared_with if r in self.candidates] + [self.checking]
+            self.check_id = generation_id
+        else:
+            kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
+            members = kept + [r for r in self.candidates if r not in self.current.members]
+            if self.trial is not None and len(members) - 1 < 2:
+                self.trial = None  # a generation of one forms whoever is at fault: no trial
+            members = [r for r in members if r != self.trial]
+        self.current = Generation(generation_id, members, self.candidates[members[0]] if members else "", left_out)
         self.reported.clear()
+        self.claims.clear()
         self.reform_at = None
         return self.current
 
     def _failed_generation(self) -> bytes | None:
-        """Count the failure against the members it had. A suspect being checked in it is the
-        culprit: it is forgotten and returned. A member on trial returns (the group failed without
-        it too); the newest suspect not tried in this round goes on trial."""
-        for member in self.current.members:
-            if member in self.candidates:
-                self.failures[member] = self.failures.get(member, 0) + 1
-        culprit = self.checking if self.checking in self.current.members else None
-        if culprit is not None:
-            self._forget(culprit)
-            return culprit
+        """Count the failure against the members it had. The suspect a check generation let back in
+        is the culprit when that generation failed with everyone else reporting it: it is forgotten
+        and returned. Otherwise a member on trial returns (the group failed without it too), and the
+        newest suspect not tried in this round goes on trial."""
+        members = [r for r in self.current.members if r in self.candidates]
+        for member in members:
+            self.failures[member] = self.failures.get(member, 0) + 1
+        checked = self.checking if self.current.id == self.check_id else None
+        if checked in members and set(self.current.members) - {checked} <= self.reported:
+            self._forget(checked)
+            return checked
+        self.checking = None  # not decided: the generation that cleared it failed first, or someone else went silent
         if self.trial is not None:
             self.tried.add(self.trial)
             self.trial = None
+        if len(self.candidates) < 3:
+            return None  # of two, either alone forms a generation: no evidence can name one
         suspects = [r for r in self.candidates if r not in self.proven and self.failures.get(r, 0) >= self.max_failures]
         untried = [r for r in suspects if r not in self.tried]
         if suspects and not untried:

@@ -268,9 +268,10 @@ def _generation(workers: list[RawWorker], world: int, timeout: float = 10.0) -> 
     return told[0]
 
 
-def _formed(worker: RawWorker, generation: dict) -> None:
-    """Say, as a member's heartbeat does, that this generation formed here."""
-    worker.send(wire.encode("heartbeat", stats={"rank": generation["rank"], "generation": generation["id"]}))
+def _formed(workers: list[RawWorker], generation: dict) -> None:
+    """Say, as each member's heartbeat does, that this generation formed there."""
+    for rank, w in enumerate(workers):
+        w.send(wire.encode("heartbeat", stats={"rank": rank, "generation": generation["id"]}))
 
 
 def _failed(workers: list[RawWorker], generation: dict) -> None:
@@ -288,7 +289,7 @@ def test_a_trainer_that_breaks_every_generation_is_left_out_of_the_group(fleet):
     a, b = RawWorker(back, "a"), RawWorker(back, "b")
     a.ready(group="127.0.0.1:29991", train_credit=8)
     b.ready(group="127.0.0.1:29992", train_credit=4)
-    _formed(a, _generation([a, b], world=2))  # a may first be alone in a generation, formed before b registered
+    _formed([a, b], _generation([a, b], world=2))  # a may first be alone in a generation, formed before b registered
     node = RawClient(front, "n")
     node.hello()
     c = RawWorker(back, "c")
@@ -301,7 +302,7 @@ def test_a_trainer_that_breaks_every_generation_is_left_out_of_the_group(fleet):
     without = _generation([a, b], world=2)
     with pytest.raises(TimeoutError):
         _next(c, "error", timeout=0.5)  # not told while on trial
-    _formed(a, without)
+    _formed([a, b], without)
     _failed([a, b, c], _generation([a, b, c], world=3))  # let back in to check, and it fails again
     notice = _next(c, "error")
     assert notice["job"] == "" and notice["code"] == "refused" and "left out of the trainer group" in notice["reason"]
@@ -330,11 +331,11 @@ def test_a_worker_left_out_of_the_group_serves_denoise_jobs_only(fleet):
     r1, r2 = RawWorker(back, "r1"), RawWorker(back, "r2")
     r1.ready(denoise_credit=0, group=f"127.0.0.1:{free_port()}")  # nobody serves this rendezvous
     r2.ready(denoise_credit=0, group=f"127.0.0.1:{free_port()}")
-    _formed(r1, _generation([r1, r2], world=2))
+    _formed([r1, r2], _generation([r1, r2], world=2))
     start_worker(fleet, back, front, "w", "--group", f"127.0.0.1:{free_port()}", "--heartbeat-liveness", "50", "--group-timeout", "1")
     for _ in range(2):  # the worker reports its own failure within the settle
         _failed([r1, r2], _generation([r1, r2], world=3, timeout=30))
-    _formed(r1, _generation([r1, r2], world=2, timeout=30))  # without it, the two form
+    _formed([r1, r2], _generation([r1, r2], world=2, timeout=30))  # without it, the two form
     _failed([r1, r2], _generation([r1, r2], world=3, timeout=30))  # with it again, not
     _generation([r1, r2], world=2, timeout=30)
     wait_for(lambda: "left out of the trainer group" in (fleet.logs / "w.log").read_text(), 30, what="the worker's log line")
