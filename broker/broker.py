@@ -643,9 +643,9 @@ class Broker(Stoppable):
         worker = self.workers.get(route)
         if worker is None:
             return
-        reason = ("left out of the trainer group: its generations failed, one without it formed, and the next with it failed again "
-                  "(can the other ranks reach its --group address? of two members, the newer is left out); it serves denoise jobs "
-                  "only until it restarts")
+        reason = ("left out of the trainer group: its generations failed, one of every other member formed without it, and the "
+                  "next with it failed again (can the other ranks reach its --group address?); it serves denoise jobs only until "
+                  "it restarts")
         log.warning("worker %s %s", worker.name, reason)
         self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])  # first: the relays below are for a non-member
         self.requeue(worker, "train")

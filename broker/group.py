@@ -89,10 +89,11 @@ class TrainerGroup:
         self._due(now)
 
     def leave(self, route: bytes, now: float) -> None:
-        """A member is gone; only one of the current generation makes a re-form due (its peers'
-        collectives fail and they report; a newcomer that leaves before joining changes nothing)."""
+        """A member is gone; one of the current generation makes a re-form due (its peers'
+        collectives fail and they report; a newcomer that leaves before joining changes nothing),
+        and so does any while a suspect is out (the candidates without it may now be complete)."""
         self._forget(route)
-        if route in self.current.members:
+        if route in self.current.members or self.trial is not None:
             self._due(now)
 
     def _forget(self, route: bytes) -> None:
@@ -111,6 +112,8 @@ class TrainerGroup:
         is every candidate but the suspect on trial, that suspect is let back in, to check."""
         if generation != self.current.id or route not in self.current.members or route in self.claims:
             return
+        if route == self.checking:
+            self.checking = None  # its own join took a collective over every rank: it reached them all
         self.claims.add(route)
         if len(self.claims) < len(self.current.members):
             return
@@ -125,6 +128,8 @@ class TrainerGroup:
         if self.trial is not None and set(members) == set(self.candidates) - {self.trial}:
             self.checking, self.cleared_with, self.trial = self.trial, list(members), None
             self._due(now)
+        elif any(r not in members and r != self.trial for r in self.candidates):
+            self._due(now)  # a newcomer (or a member back from a failure) waited for this generation to form
 
     def failed(self, route: bytes, generation: str, now: float) -> None:
         """A member says a generation failed. For the current one, it is kept in the next; a stale
@@ -157,8 +162,11 @@ class TrainerGroup:
             self.checking = None  # a check ends with its generation, decided or not
         self.count += 1
         generation_id = f"{epoch}-{self.count}"
+        cleared = [r for r in self.cleared_with if r in self.candidates]
+        if self.checking is not None and len(cleared) < 2:
+            self.checking = None  # the generation that cleared it has lost members: of two, no evidence names one
         if self.checking is not None:
-            members = [r for r in self.cleared_with if r in self.candidates] + [self.checking]
+            members = cleared + [self.checking]
             self.check_id = generation_id
         else:
             kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
