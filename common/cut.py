@@ -40,11 +40,6 @@ class Cut:
         return cls(int(round(check_ratio(ratio) * levels)), levels)
 
     @property
-    def ratio(self) -> float:
-        """t_c / T: the ratio this cut stands for (the given c, up to the rounding of t_c)."""
-        return self.t_c / self.levels
-
-    @property
     def local_model(self) -> bool:
         """The client keeps a model of its own: c = 0 (t_c = 0) leaves every level to the server."""
         return self.t_c > 0

@@ -32,7 +32,6 @@ def test_cut_level_is_round_c_times_T():
     assert [d.cut(c).t_c for c in (0, 0.2, 0.6, 0.8, 1.0)] == [0, 20, 60, 80, 100]
     assert DiffusionConfig(levels=10).cut(0.25) == Cut(2, 10)  # round half to even is fine; 2.5 → 2
     assert [(c.local_model, c.uses_server) for c in (d.cut(0), d.cut(0.6), d.cut(1))] == [(False, True), (True, True), (True, False)]
-    assert d.cut(0.6).ratio == 0.6
 
 
 @pytest.mark.parametrize("ratio", [-0.01, 1.01, float("nan"), float("inf"), True, "0.5"])
