@@ -6,7 +6,7 @@ copy). State is explicit and lives in this module:
 
 - per client: a bounded queue per job kind (train, denoise); a full queue answers `busy` at once;
 - per worker: credit in rows per kind, the jobs it holds, when it was last heard from;
-- dispatch: round robin over (client, kind) queues, one job per turn, only to a worker whose credit
+- dispatch: per kind, round robin over the clients with queued jobs, one job per turn, only to a worker whose credit
   covers the job's rows; train jobs go to the one active trainer, or spread over the members of
   the data-parallel trainer group (broker/group.py keeps its membership);
 - exactly one final reply per accepted job: the worker's, or the broker's own error when no live
@@ -137,7 +137,9 @@ class Broker(Stoppable):
         self.key_routes: dict[str, OrderedDict[bytes, None]] = {}  # node key → its connections in `routes` (LRU, capped per key)
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[tuple[str, str], Job] = {}  # every accepted, unanswered job, queued or held by a worker
-        self.turns: deque[tuple[str, str]] = deque()  # (client, kind) with queued jobs, round robin
+        # Per kind, the clients with queued jobs in round-robin order: dicts, so that joining, leaving
+        # and going to the back of the line cost O(1) with thousands of clients queued.
+        self.turns: dict[str, dict[str, None]] = {kind: {} for kind in KINDS}
         self.queued_bytes = 0
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
@@ -405,8 +407,7 @@ class Broker(Stoppable):
         queue = self.clients[job.client].queues[job.kind]
         queue.appendleft(job) if front else queue.append(job)
         self.queued_bytes += job.nbytes
-        if (job.client, job.kind) not in self.turns:
-            self.turns.append((job.client, job.kind))
+        self.turns[job.kind].setdefault(job.client)
 
     def answer(self, job: Job, frames: list[Any], failed: bool) -> None:
         """The job's one final reply: sent, counted, cached for retries of its id."""
@@ -616,9 +617,9 @@ class Broker(Stoppable):
             return [self.workers[r] for r in self.group.current.members if r in self.workers]
         return [self.workers[self.trainer]] if self.trainer in self.workers else []
 
-    def pick_worker(self, job: Job) -> WorkerState | None:
-        best = max(self.takers(job.kind), key=lambda w: w.credit[job.kind], default=None)
-        return best if best is not None and best.credit[job.kind] >= job.rows else None
+    def best_taker(self, kind: str) -> WorkerState | None:
+        """The taker of this kind with the most credit: the next job goes there, if it fits."""
+        return max(self.takers(kind), key=lambda w: w.credit[kind], default=None)
 
     def servable(self, job: Job) -> bool:
         """Some live worker could take this job once its credit is back."""
@@ -657,52 +658,59 @@ class Broker(Stoppable):
             self.backend.send_multipart([route, *part], copy=False)
 
     def dispatch(self) -> None:
-        """Round robin: the (client, kind) queue served last goes to the back of the line; a queue
-        whose head does not fit any worker's credit keeps its place."""
-        progress = True
-        while progress and self.turns:
-            progress = False
-            for entry in list(self.turns):
-                name, kind = entry
-                queue = self.clients[name].queues[kind]
-                worker = self.pick_worker(queue[0])
-                if worker is None:
-                    continue
-                job = self.dequeue(entry)
-                job.dispatched = time.monotonic()
-                worker.credit[kind] -= job.rows
-                worker.jobs[(name, job.job_id)] = job
-                self.backend.send_multipart([worker.route, *job.frames], copy=False)
-                self.forwarded += 1
-                progress = True
+        """Round robin per kind: the client served last goes to the back of the line; one whose next
+        job does not fit the best taker's credit keeps its place. A pass stops as soon as no taker
+        has credit left: thousands of clients waiting on full workers cost one look per job sent."""
+        for kind, turns in self.turns.items():
+            worker = self.best_taker(kind)
+            progress = True
+            while progress and turns and worker is not None and worker.credit[kind] > 0:
+                progress = False
+                for name in list(turns):
+                    if self.clients[name].queues[kind][0].rows > worker.credit[kind]:
+                        continue
+                    job = self.dequeue(name, kind)
+                    job.dispatched = time.monotonic()
+                    worker.credit[kind] -= job.rows
+                    worker.jobs[(name, job.job_id)] = job
+                    self.backend.send_multipart([worker.route, *job.frames], copy=False)
+                    self.forwarded += 1
+                    progress = True
+                    worker = self.best_taker(kind)
+                    if worker is None or worker.credit[kind] == 0:
+                        break
 
-    def dequeue(self, entry: tuple[str, str]) -> Job:
-        """The head of this (client, kind) queue; the queue goes to the back of the turns."""
-        queue = self.clients[entry[0]].queues[entry[1]]
+    def dequeue(self, name: str, kind: str) -> Job:
+        """The head of this client's queue of this kind; the client goes to the back of the line."""
+        queue = self.clients[name].queues[kind]
         job = queue.popleft()
         self.queued_bytes -= job.nbytes
-        self.turns.remove(entry)
+        del self.turns[kind][name]
         if queue:
-            self.turns.append(entry)
+            self.turns[kind][name] = None
         return job
 
     def enforce_deadlines(self, now: float) -> None:
         """Answer the jobs that would otherwise wait forever: a queue head no live worker can take
         (too large for every worker: at once; no worker at all: after `no_worker_wait`), and jobs a
         worker has held past `job_timeout` (its late reply is then dropped)."""
-        for entry in list(self.turns):
-            queue = self.clients[entry[0]].queues[entry[1]]
-            head = queue[0]
-            if self.servable(head):
-                continue
-            if self.takers(head.kind):
-                self.fail(self.dequeue(entry), ErrorCode.TOO_LARGE, f"{head.kind} of {head.rows} rows exceeds what every live worker takes at once")
-            elif now - head.received > self.config.no_worker_wait:
-                self.fail(self.dequeue(entry), ErrorCode.UNAVAILABLE, f"no worker could take this {head.kind} job for {self.config.no_worker_wait:.0f} s")
+        for kind, turns in self.turns.items():
+            for name in list(turns):
+                self.enforce_head(name, kind, now)
         for worker in self.workers.values():
             for job in list(worker.jobs.values()):
                 if self.jobs.get((job.client, job.job_id)) is job and now - job.dispatched > self.config.job_timeout:
                     self.fail(job, ErrorCode.TIMEOUT, f"worker {worker.name} held this job for more than {self.config.job_timeout:.0f} s")
+
+    def enforce_head(self, name: str, kind: str, now: float) -> None:
+        """Answer this queue's head at once if no live worker can ever take it, or after
+        `no_worker_wait` if no worker takes its kind at all."""
+        head = self.clients[name].queues[kind][0]
+        if not self.servable(head):
+            if self.takers(kind):
+                self.fail(self.dequeue(name, kind), ErrorCode.TOO_LARGE, f"{head.kind} of {head.rows} rows exceeds what every live worker takes at once")
+            elif now - head.received > self.config.no_worker_wait:
+                self.fail(self.dequeue(name, kind), ErrorCode.UNAVAILABLE, f"no worker could take this {kind} job for {self.config.no_worker_wait:.0f} s")
 
     def expire_idle(self, now: float) -> None:
         """Forget clients with nothing queued or in flight that have been silent too long."""

@@ -202,6 +202,47 @@ def test_invented_names_are_capped_and_forgotten(fleet):
     late.hello()  # room again
 
 
+def test_a_flooding_client_delays_the_others_by_one_turn_not_by_its_queue(fleet):
+    """Dispatch is round robin per kind over the clients with queued jobs: a client with twenty jobs
+    queued gets one per turn like everybody else; a head too large for the worker's credit keeps its
+    place while smaller jobs pass, and goes as soon as the credit covers it."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200")
+    worker = RawWorker(back, "w")
+    worker.ready(denoise_credit=3, train_credit=1)
+    wait_for(lambda: (_status(front) or {}).get("workers"), 10, what="the raw worker")
+    flood, a, b = (RawClient(front, name) for name in ("flood", "a", "b"))
+    for c in (flood, a, b):
+        c.hello()
+
+    def held(queued: int, in_flight: int) -> None:  # the broker has read them all (it reads connections in no set order)
+        wait_for(lambda: (st := _status(front)) is not None and (st["queued"], st["in_flight"]) == (queued, in_flight), 20,
+                 what=f"{queued} jobs queued, {in_flight} in flight")
+
+    for i in range(20):
+        flood.train(f"f{i}", rows=1)
+    held(19, 1)  # f0 went at once
+    a.train("a0", rows=1), a.train("a1", rows=1)
+    held(21, 1)
+    b.train("b0", rows=1)
+    flood.denoise("fd0", count=1), flood.denoise("fd1", count=3)
+    held(23, 2)  # fd0 went at once
+    a.denoise("ad0", count=1), a.denoise("ad1", count=1)
+    held(23, 4)  # both fit the 2 rows of credit left; fd1 (3 rows) waits
+    order: dict[str, list[str]] = {"train": [], "denoise": []}
+    for _ in range(10):
+        env, _ = worker.next_job()
+        order[env["type"]].append(env["job"])
+        if env["type"] == "train":
+            worker.send(wire.encode("ack", job=env["job"], client=env["client"], step=len(order["train"]), loss=0.1))
+        else:
+            worker.send(wire.encode("result", job=env["job"], client=env["client"], count=env["count"]),
+                        tensors.encode({"x": np.zeros((env["count"], *SHAPE), np.float32)}))
+    assert order["train"][:6] == ["f0", "f1", "a0", "b0", "f2", "a1"], order
+    # fd0 holds 1 of the 3 rows of credit: fd1 (3 rows) waits while ad0 and ad1 pass it, then goes
+    assert order["denoise"] == ["fd0", "ad0", "ad1", "fd1"], order
+    assert fleet.alive("broker")
+
+
 def test_one_key_cannot_hold_more_than_its_connections(fleet):
     """A node key that opens connection after connection (here 5, each with its own name, the cap
     3) keeps only its newest 3 known; its oldest are answered `not_joined` (they may say hello

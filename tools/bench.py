@@ -328,11 +328,12 @@ def _broker_process(fp: int, bp: int, keys: str) -> None:
     from collafuse.common.config import BrokerConfig
 
     Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6,
-                        keys=f"{keys}/broker" if keys else "")).run()
+                        max_names_per_key=10**6, keys=f"{keys}/broker" if keys else "")).run()
 
 
-def _echo_worker_process(bp: int, keys: str) -> None:
-    """A protocol peer that acknowledges every train job at once (it applies nothing)."""
+def _echo_worker_process(bp: int, keys: str, credit: int) -> None:
+    """A protocol peer that acknowledges every train job at once (it applies nothing), holding at
+    most `credit` rows (0: no limit, so nothing waits in the broker's queues)."""
     import zmq
 
     from collafuse.common.config import ProtocolLimits
@@ -341,7 +342,7 @@ def _echo_worker_process(bp: int, keys: str) -> None:
 
     limits = ProtocolLimits()
     s = dealer(zmq.Context(), f"tcp://127.0.0.1:{bp}", limits.max_frame_bytes, _bench_keys(keys, "echo"))
-    s.send(wire.encode("ready", worker="echo", denoise_credit=10**6, train_credit=10**9, trainer=True,
+    s.send(wire.encode("ready", worker="echo", denoise_credit=credit or 10**6, train_credit=credit or 10**9, trainer=True,
                        image_shape=[1, 32, 32], levels=100, model="none"))
     while True:
         frames = s.recv_multipart(copy=False)
@@ -351,10 +352,13 @@ def _echo_worker_process(bp: int, keys: str) -> None:
 
 
 @app.command()
-def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
+def broker(messages: int = 20000, size_kib: int = 64, window: int = 64, clients: int = 1, credit: int = 0) -> None:
     """Forwarding rate of 64 KiB tensor jobs: our broker against zmq.proxy, both on plain TCP and both
     with CURVE (keys made in a temporary folder). Each setup is three processes (client, middle,
-    echo peer) on loopback; the client keeps `window` jobs in flight."""
+    echo peer) on loopback; the client keeps `window` jobs in flight, spread over `clients` client
+    names (one connection says hello for each). With `credit` rows (0: no limit) the echo peer
+    holds only that many at once, so the rest wait in the broker's queues, one queue per client:
+    the cost of dispatching with many clients waiting (zmq.proxy has no queues to compare)."""
     import multiprocessing as mp
     import tempfile
     from pathlib import Path
@@ -372,17 +376,18 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
                            "eps": np.zeros((rows, 1, 32, 32), np.float32)})
     ring = Keyring(Path(tempfile.mkdtemp(prefix="collafuse-bench-keys-")))
     ring.peer("bench", "node"), ring.peer("echo", "trainer")
+    names = [f"bench{i}" for i in range(clients)]
 
-    def run(middle, echo, make_frames, hello: bool, keys: str) -> float:
+    def run(middle, echo, make_frames, hello: bool, keys: str, *echo_extra) -> float:
         fp, bp = free_port(), free_port()
-        procs = [mp.Process(target=middle, args=(fp, bp, keys), daemon=True), mp.Process(target=echo, args=(bp, keys), daemon=True)]
+        procs = [mp.Process(target=middle, args=(fp, bp, keys), daemon=True), mp.Process(target=echo, args=(bp, keys, *echo_extra), daemon=True)]
         for p in procs:
             p.start()
         try:
             sock = dealer(zmq.Context.instance(), f"tcp://127.0.0.1:{fp}", 1 << 26, _bench_keys(keys, "bench"))
             time.sleep(1.0)
-            if hello:
-                sock.send(wire.encode("hello", client="bench", t_c=60, image_shape=[1, 32, 32], levels=100))
+            for name in names if hello else ():
+                sock.send(wire.encode("hello", client=name, t_c=60, image_shape=[1, 32, 32], levels=100))
                 sock.recv_multipart()
             for i in range(200):  # warm-up
                 sock.send_multipart(make_frames(-1 - i), copy=False)
@@ -407,8 +412,9 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64) -> None:
     for mode, keys in (("plain", ""), ("curve", str(ring.folder))):
         rates[f"zmq_proxy_{mode}"] = run(_proxy_process, _proxy_echo_process, lambda i: [b"job", blob], False, keys)
         rates[f"broker_{mode}"] = run(_broker_process, _echo_worker_process,
-                                      lambda i: [wire.encode("train", job=f"j{i}", client="bench", rows=rows, t_c=60), blob], True, keys)
+                                      lambda i: [wire.encode("train", job=f"j{i}", client=names[i % clients], rows=rows, t_c=60), blob], True, keys, credit)
     typer.echo(json.dumps({"what": "broker_forwarding", "frame_bytes": len(blob), "messages": messages, "window": window,
+                           "clients": clients, "credit_rows": credit,
                            **{f"{k}_msgs_per_s": round(v, 1) for k, v in rates.items()},
                            "ratio_plain": round(rates["broker_plain"] / rates["zmq_proxy_plain"], 3),
                            "ratio_curve": round(rates["broker_curve"] / rates["zmq_proxy_curve"], 3),
