@@ -42,8 +42,12 @@ def join(
         NodeConfig.cut_noise, "--cut-noise",
         help="How the noise that hides an image at the cut (ε₁) is drawn. 'keyed' (default): one secret draw per image, "
         "from this node's 256-bit secret (STATE/secret.key, never sent), so the server sees each image's x_t_c once however "
-        "often it is sent. 'fresh': a new draw in every message, for comparison only: the server gets one noisy view of an "
+        "often it is sent, as long as the secret is kept and used with these settings only (another image, even an augmented "
+        "copy of one, has its own view). 'fresh': a new draw in every message, for comparison only: the server gets one noisy view of an "
         "image per message and can link and average them (see `collafuse audit`)."),
+    share_clean_images: bool = typer.Option(
+        NodeConfig.share_clean_images, "--share-clean-images",
+        help="Allow a cut of t_c = 0 (no local levels), which sends the server the clean images; refused without it."),
     checkpoint_every: int = typer.Option(NodeConfig.checkpoint_every, "--checkpoint-every", min=1, help="Steps between local checkpoints."),
     seed: int = typer.Option(NodeConfig.seed, "--seed", help="Seed for the data shards and this node's training."),
 ) -> None:
@@ -55,7 +59,8 @@ def join(
 
     with user_errors(DataError, ValueError, FileNotFoundError, TimeoutError, BrokerRefused, KeyFolderError):
         cfg = replace(_config(node, conn, data=data, seed=seed, train=TrainConfig(batch_size=batch_size, learning_rate=lr)),
-                      steps=steps, window=window, lockstep=lockstep, cut_noise=cut_noise, checkpoint_every=checkpoint_every)
+                      steps=steps, window=window, lockstep=lockstep, cut_noise=cut_noise, checkpoint_every=checkpoint_every,
+                      share_clean_images=share_clean_images)
         runner = Join(cfg)
         runner.install_signal_handlers()
         figures = runner.run()

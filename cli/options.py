@@ -175,10 +175,12 @@ class Node:
 
     broker: str = option(typer.Option(NodeConfig.broker, "--broker", help="The broker's frontend address."))
     name: str = option(typer.Option(..., "--name", help="This node's client name (unique per broker)."))
-    cut_ratio: float = option(typer.Option(NodeConfig.cut_ratio, "--cut-ratio", callback=_one_ratio, help="c in [0,1]: this node owns levels 1..round(c*T); 1 = purely local, 0 = no local model."))
+    cut_ratio: float = option(typer.Option(NodeConfig.cut_ratio, "--cut-ratio", callback=_one_ratio, help="c in [0,1]: this node owns levels 1..round(c*T); 1 = purely local; a c with round(c*T) = 0 sends clean images and needs --share-clean-images."))
     shard: int = option(typer.Option(NodeConfig.shard, "--shard", min=0, help="Which client shard of the data this node holds (0-based)."))
     shards: int = option(typer.Option(NodeConfig.shards, "--shards", min=1, help="Into how many client shards the data is split."))
     image_size: int = option(typer.Option(DataConfig.image_size, "--image-size", help="32, 64 or 128; must match the server model."))
     model: str = option(typer.Option(NodeConfig.model, "--model", help="Local U-Net preset: tiny, paper or large."))
-    state: str = option(typer.Option(NodeConfig.state, "--state", help="Folder for the local checkpoint and progress.json (default ./collafuse-node-NAME)."))
+    state: str = option(typer.Option(NodeConfig.state, "--state", help="Folder for this node's secret (STATE/secret.key, bound to the cut, T and data settings it was first used "
+        "with), local checkpoint and progress.json. Default ~/.collafuse/node-NAME, whatever folder the node starts in: another "
+        "folder means another secret, and the server then gets a second view of every image both send."))
     device: str = option(typer.Option(NodeConfig.device, "--device", help="'auto', 'cpu' or 'cuda:N'."))

@@ -6,7 +6,7 @@ default is changed here once and nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from collafuse.common.cut import Cut
@@ -135,6 +135,7 @@ class SimulateConfig:
     log_every: int = 25
     checkpoint_every: int = 200
     cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
+    share_clean_images: bool = False  # a cut of t_c = 0 sends the clean images: refused unless asked for
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=EXPERIMENT_BATCH))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -245,11 +246,12 @@ class NodeConfig(PeerConfig):
     cut_ratio: float = 0.6
     shard: int = 0  # which client shard of the data this node holds
     shards: int = 3
-    state: str = ""  # folder for the checkpoint and progress ('' = ./collafuse-node-NAME)
+    state: str = ""  # folder for the secret, checkpoint and progress ('' = ~/.collafuse/node-NAME, wherever the node starts)
     steps: int = 600
     window: int = 4  # train jobs in flight at most; local training never waits for them
     lockstep: bool = False  # wait for room in the window instead of skipping a step's message (reproducible runs)
     cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
+    share_clean_images: bool = False  # a cut of t_c = 0 sends the clean images: refused unless asked for
     checkpoint_every: int = 100
     retry_after: float = 0.5  # seconds before a "busy" job is sent again
     ack_timeout: float = 60.0  # at the end, how long to wait for outstanding acknowledgements
@@ -262,7 +264,12 @@ class NodeConfig(PeerConfig):
 
     @property
     def state_dir(self) -> str:
-        return self.state or f"collafuse-node-{self.name}"
+        return self.state or str(Path.home() / ".collafuse" / f"node-{self.name}")
+
+    @property
+    def shard_data(self) -> DataConfig:
+        """The data settings, split into this node's `shards` (it holds the one numbered `shard`)."""
+        return replace(self.data, clients=self.shards)
 
     @property
     def cut(self) -> Cut:

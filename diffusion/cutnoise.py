@@ -9,19 +9,31 @@ image is SHAKE-256(node secret ‖ image id) through Box–Muller, where the sec
 OS's entropy that never leave the node and the image id is the SHA-256 of its pixels. The `fresh`
 mode mixes each message row's number into the key: one unpredictable draw per message, kept for
 comparison, at the cost of giving the server one view of an image per message that carries it.
+
+ε₁ does not depend on the cut. So a secret is bound, when it is made, to what shapes its views
+(the cut, T, the mode, the data settings: `load_secret`'s `views`), and a later load that asks for
+others is refused: two views of one image under one ε₁ at two cuts are two linear equations in x₀
+and ε₁, which the server solves exactly; other data settings (image size, augmentation seed) hand
+it freshly noised views of the same images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import secrets
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from collafuse.common.config import DataConfig
+from collafuse.common.cut import Cut
+from collafuse.common.files import replace_durably
 
 SECRET_BYTES = 32
 MODES = ("keyed", "fresh")
@@ -74,14 +86,38 @@ class CutNoise:
         return torch.from_numpy(noise.astype(np.float32)).view(len(keys), *shape)
 
 
-def load_secret(path: str | Path, create: bool = True) -> bytes:
+def views(cut: Cut, mode: str, data: DataConfig, shard: int) -> dict[str, Any]:
+    """What shapes the views of its images a client's secret gives the server, for `load_secret`:
+    the cut on its chain of T, the mode, and every data setting that shapes the client's pixels."""
+    return {"t_c": cut.t_c, "levels": cut.levels, "cut_noise": mode, "shard": shard, **{f"data.{k}": v for k, v in asdict(data).items()}}
+
+
+def views_path(path: str | Path) -> Path:
+    """Where a secret's binding lives: beside it, SECRET.views.json."""
+    return Path(path).with_suffix(".views.json")
+
+
+def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create: bool = True) -> bytes:
     """The node's secret, created on first use from the OS's entropy with owner-only permissions.
-    A secret file that others may read is refused (like ssh's private keys)."""
-    path = Path(path)
+    A secret file that others may read is refused (like ssh's private keys).
+
+    With `views` (JSON-able settings that shape the views its noise makes) the secret is bound to
+    them: recorded beside it before it is made, and compared at every later load; any change is a
+    ValueError that names it. A record without its secret means one was made here and lost: no new
+    one is made in its place, because a new secret gives the server a second, independent view of
+    every image it has seen; that choice is left to whoever starts a new state folder."""
+    path, record = Path(path), views_path(path)
+    wanted = json.loads(json.dumps(views)) if views is not None else None  # as the record reads back (tuples → lists)
     if not path.exists():
         if not create:
             raise FileNotFoundError(f"no node secret at {path}")
+        if record.exists():
+            raise ValueError(f"{record} records a node secret that was used here but {path} is gone; a new secret would give the "
+                             f"server a second, independent view of every image it has seen. Restore the secret, or start over "
+                             f"in a new state folder knowing that")
         path.parent.mkdir(parents=True, exist_ok=True)
+        if wanted is not None:
+            _write_record(record, wanted)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, secrets.token_bytes(SECRET_BYTES))
@@ -93,4 +129,35 @@ def load_secret(path: str | Path, create: bool = True) -> bytes:
     secret = path.read_bytes()
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"{path} is not a node secret ({len(secret)} bytes, expected {SECRET_BYTES})")
+    if wanted is not None:
+        _check_record(record, wanted)
     return secret
+
+
+def _write_record(record: Path, views: dict[str, Any]) -> None:
+    tmp = record.with_name(record.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(views, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, record)
+
+
+def _check_record(record: Path, wanted: dict[str, Any]) -> None:
+    """That the secret is asked for the views it was bound to (ValueError naming each change)."""
+    try:
+        bound = json.loads(record.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no record ({record}) of the settings this secret has noised images with (a state folder "
+                         f"from before secrets were bound to them?): it cannot be checked that this run makes no second "
+                         f"view. Start over in a new state folder, knowing the server then holds two views of each image") from None
+    except ValueError:
+        raise ValueError(f"{record} is not a secret's record of its views") from None
+    changed = sorted(k for k in bound.keys() | wanted.keys() if bound.get(k) != wanted.get(k))
+    if changed:
+        was = ", ".join(f"{k}={bound.get(k)}" for k in changed)
+        now = ", ".join(f"{k}={wanted.get(k)}" for k in changed)
+        raise ValueError(f"this node's secret has sent the server views of its images with {was}; this run asks for {now}. "
+                         f"With one secret, another cut or T lets the server solve two views for the clean images, and other "
+                         f"data settings hand it new views of the same images. Keep the settings, or start over in a new "
+                         f"state folder (a new secret), knowing that the server then holds two views of each image")

@@ -109,6 +109,12 @@ def load_checkpoint_bytes(blob: bytes, model: torch.nn.Module, optimizer: torch.
     return meta, {k[len("extra."):]: v.cpu() for k, v in tensors.items() if k.startswith("extra.")}
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata, without loading its tensors."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return json.loads((f.metadata() or {}).get("collafuse", "{}")).get("metadata", {})
+
+
 def load_extra(path: str | Path) -> dict[str, torch.Tensor]:
     """The `extra` tensors saved with a checkpoint (empty for one without)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:

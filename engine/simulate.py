@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from collafuse.common.config import SimulateConfig
 from collafuse.engine.checkpoint import load_checkpoint, save_checkpoint
+from collafuse.diffusion import cutnoise
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
 from collafuse.diffusion.models import parameter_count, resolve_device
 from collafuse.datasets import FederatedData, load_federated
@@ -64,10 +65,11 @@ def _resume_all(folder: Path, clients: list[ClientParty], server: ServerParty | 
     return steps.pop()
 
 
-def client_secret(out: Path, name: str) -> bytes:
+def client_secret(out: Path, name: str, views: dict) -> bytes:
     """A simulated client's node secret, kept in OUT/secrets/ so that a resumed run keeps it (and a
-    test can give a node the same one)."""
-    return load_secret(out / "secrets" / f"{name}.key")
+    test can give a node the same one), bound to its views as a node's is (a resume with another
+    cut is refused)."""
+    return load_secret(out / "secrets" / f"{name}.key", views)
 
 
 def generate(
@@ -100,8 +102,9 @@ def make_parties(config: SimulateConfig, data: FederatedData, out: Path, device:
     clients = []
     for i, c in enumerate(config.client_cut_ratios()):
         name = f"client{i}"
-        talks = config.diffusion.cut(c).uses_server  # c = 1 never talks to the server
-        cut_noise = CutNoise(client_secret(out, name), config.cut_noise) if talks else None
+        cut = config.diffusion.cut(c)
+        talks = cut.uses_server  # c = 1 never talks to the server
+        cut_noise = CutNoise(client_secret(out, name, cutnoise.views(cut, config.cut_noise, config.data, i)), config.cut_noise) if talks else None
         clients.append(ClientParty(name, c, data.clients[i], config.client_model, config.diffusion, config.train, device,
                                    seed=client_seed(config.data.seed, i), cut_noise=cut_noise, record_rows=talks))
     image_shape = tuple(data.clients[0].shape[1:])

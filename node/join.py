@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from collafuse.common.config import DataConfig, DiffusionConfig, NodeConfig
-from collafuse.engine.checkpoint import load_checkpoint, load_extra, save_checkpoint
+from collafuse.common.config import DiffusionConfig, NodeConfig
+from collafuse.engine.checkpoint import load_checkpoint, load_extra, read_metadata, save_checkpoint
+from collafuse.diffusion import cutnoise
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
 from collafuse.diffusion.models import resolve_device
 from collafuse.datasets import load_federated
@@ -39,6 +40,27 @@ log = logging.getLogger("collafuse.node")
 def secret_path(config: NodeConfig) -> Path:
     """The node's 256-bit secret (its cut noise key): created on the first join, never sent."""
     return Path(config.state_dir) / "secret.key"
+
+
+def checkpoint_path(config: NodeConfig) -> Path:
+    return Path(config.state_dir) / "local.safetensors"
+
+
+def open_secret(config: NodeConfig) -> bytes:
+    """This node's secret, bound to its views (cutnoise.views); refused where it would hand the
+    server more than one view of an image, or the image itself: clean images (t_c = 0) unless asked
+    for, another cut or data with the same secret, a new secret where a checkpoint shows that one
+    was used and lost."""
+    cut, path = config.cut, secret_path(config)
+    if cut.t_c == 0 and not config.share_clean_images:
+        raise ValueError(f"cut ratio {config.cut_ratio} gives t_c = 0 of T = {cut.levels}: the server would receive the clean "
+                         f"images. Choose a larger ratio, or pass --share-clean-images to send them knowingly")
+    checkpoint = checkpoint_path(config)
+    if not path.exists() and checkpoint.is_file() and read_metadata(checkpoint).get("rows_sent", 0) > 0:
+        raise ValueError(f"{checkpoint} shows that this node has sent images under a secret, but {path} is gone; a "
+                         f"new secret would give the server a second, independent view of every image it has seen. Restore "
+                         f"the secret, or start over in a new state folder knowing that")
+    return load_secret(path, cutnoise.views(cut, config.cut_noise, config.shard_data, config.shard))
 
 
 def make_party(config: NodeConfig, data: torch.Tensor, cut_noise: CutNoise | None = None) -> ClientParty:
@@ -66,10 +88,6 @@ def connect(config: NodeConfig, party: ClientParty) -> BrokerLink:
     )
     link.connect()
     return link
-
-
-def checkpoint_path(config: NodeConfig) -> Path:
-    return Path(config.state_dir) / "local.safetensors"
 
 
 @dataclass
@@ -166,13 +184,12 @@ class Join(Stoppable):
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        data_config = DataConfig(**{**config.data.__dict__, "clients": config.shards})
         if not 0 <= config.shard < config.shards:
             raise ValueError(f"shard {config.shard} does not exist among {config.shards}")
         self.state = Path(config.state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
-        cut_noise = CutNoise(load_secret(secret_path(config)), config.cut_noise) if config.cut.uses_server else None
-        self.party = make_party(config, load_federated(data_config).clients[config.shard], cut_noise)
+        cut_noise = CutNoise(open_secret(config), config.cut_noise) if config.cut.uses_server else None
+        self.party = make_party(config, load_federated(config.shard_data).clients[config.shard], cut_noise)
         self.outbox: dict[str, list[bytes]] = {}  # from the checkpoint: jobs to re-send at start
         self.first_step = self.resume()
         self.sender: TrainSender | None = None

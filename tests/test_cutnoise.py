@@ -4,12 +4,18 @@ that knows the code and the node's seed."""
 import math
 import os
 import stat
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from collafuse.common.config import TrainConfig
-from collafuse.diffusion.cutnoise import CutNoise, image_ids, keyed_normal, load_secret
+from collafuse.common.config import DataConfig, NodeConfig, TrainConfig
+from collafuse.common.cut import Cut
+from collafuse.diffusion.cutnoise import CutNoise, image_ids, keyed_normal, load_secret, views, views_path
+from collafuse.engine.checkpoint import save_checkpoint
+from collafuse.node.join import checkpoint_path, open_secret
 from collafuse.diffusion.schedule import Scheduler
 from collafuse.diffusion.split import recover_cut_image
 from collafuse.engine.client import ClientParty, _message_seed, client_seed
@@ -116,6 +122,65 @@ def test_secret_file_is_created_private_kept_and_checked(tmp_path):
         load_secret(short)
     with pytest.raises(FileNotFoundError):
         load_secret(tmp_path / "missing.key", create=False)
+
+
+def test_two_views_of_one_secret_at_two_cuts_give_the_server_the_clean_image():
+    """Why a secret is bound to its cut (the next test): ε₁ does not depend on the cut, so the
+    server solves the two views' linear equations for x₀ exactly."""
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    eps1 = CutNoise(SECRET)(image_ids(x0), [0, 1], (1, 8, 8))
+    (pa, qa), (pb, qb) = [(S.alpha_bar[t].sqrt().float(), (1 - S.alpha_bar[t]).sqrt().float()) for t in (40, 60)]
+    xa, xb = pa * x0 + qa * eps1, pb * x0 + qb * eps1
+    solved = (qb * xa - qa * xb) / (qb * pa - qa * pb)
+    assert (solved - x0).abs().max() < 1e-4 and (xa - x0).abs().max() > 0.1
+
+
+def test_a_secret_is_bound_to_the_views_it_made_and_refuses_others(tmp_path):
+    cut, data = Cut(40, 100), DataConfig()
+    bound = views(cut, "keyed", data, 0)
+    path = tmp_path / "state" / "secret.key"
+    first = load_secret(path, bound)
+    assert views_path(path).is_file() and load_secret(path, bound) == first
+    for other, named in ((views(Cut(40, 200), "keyed", data, 0), "levels=100"), (views(Cut(60, 100), "keyed", data, 0), "t_c=40"),
+                         (views(cut, "keyed", replace(data, image_size=64), 0), "data.image_size=32"),
+                         (views(cut, "keyed", replace(data, seed=1), 0), "data.seed=0"),
+                         (views(cut, "fresh", data, 0), "cut_noise=keyed"), (views(cut, "keyed", data, 1), "shard=0")):
+        with pytest.raises(ValueError, match=f"with {named}; this run asks for"):
+            load_secret(path, other)
+    assert load_secret(path, bound) == first  # a refusal rewrites nothing
+    path.unlink()  # lost: a new secret would be a second view of every image
+    with pytest.raises(ValueError, match="second, independent view"):
+        load_secret(path, bound)
+    assert not path.exists()
+    legacy = tmp_path / "legacy.key"
+    load_secret(legacy)  # made without views: nothing says what it was used for
+    with pytest.raises(ValueError, match="no record"):
+        load_secret(legacy, bound)
+
+
+def test_a_node_refuses_clean_images_and_a_new_secret_after_sending(tmp_path):
+    clean = NodeConfig(name="n", cut_ratio=0.004, state=str(tmp_path / "clean"))  # rounds to t_c = 0 of 100
+    with pytest.raises(ValueError, match="t_c = 0 of T = 100: the server would receive the clean images"):
+        open_secret(clean)
+    assert len(open_secret(replace(clean, share_clean_images=True))) == 32
+    node = NodeConfig(name="n", cut_ratio=0.4, state=str(tmp_path / "n"))
+    os.makedirs(node.state)
+    save_checkpoint(checkpoint_path(node), torch.nn.Linear(1, 1), None, {"rows_sent": 0})  # a node that never sent (c = 1 before)
+    first = open_secret(node)
+    os.unlink(os.path.join(node.state, "secret.key"))
+    os.unlink(views_path(os.path.join(node.state, "secret.key")))
+    save_checkpoint(checkpoint_path(node), torch.nn.Linear(1, 1), None, {"rows_sent": 32})
+    with pytest.raises(ValueError, match="has sent images under a secret"):
+        open_secret(node)
+    assert not os.path.exists(os.path.join(node.state, "secret.key")) and first
+
+
+def test_the_node_command_refuses_a_cut_that_sends_clean_images(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "collafuse.cli.node", "join", "--name", "n", "--cut-ratio", "0.004", "--steps", "1",
+                           "--state", str(tmp_path / "n"), "--broker", "tcp://127.0.0.1:1", "--insecure", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "the server would receive the clean images" in proc.stderr and "--share-clean-images" in proc.stderr
+    assert not (tmp_path / "n" / "secret.key").exists()
 
 
 def test_a_party_restored_from_its_random_state_continues_the_streams_instead_of_replaying_them():

@@ -141,11 +141,16 @@ def test_one_node_through_the_network_equals_the_in_process_run(fleet, tmp_path)
     from subprocess import run
     import sys
 
+    from collafuse.common.config import DataConfig
+    from collafuse.common.cut import Cut
+    from collafuse.diffusion.cutnoise import views, views_path
+
     secret = os.urandom(32)
     for path in (sim / "secrets" / "client0.key", tmp_path / "n0" / "secret.key"):
         path.parent.mkdir(parents=True)
         path.write_bytes(secret)
         path.chmod(0o600)
+        views_path(path).write_text(json.dumps(views(Cut(60, 100), "keyed", DataConfig(clients=1), 0)))  # bound as both runs use it
 
     proc = run([sys.executable, "-m", "collafuse.cli", "simulate", "--out", str(sim), "--clients", "1", "--cut-ratio", "0.6",
                 "--steps", str(steps), "--batch-size", str(batch), "--samples", "4", "--sampler", "ddim", "--ddim-steps", "10",

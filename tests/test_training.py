@@ -72,12 +72,16 @@ def test_simulate_cli_end_to_end_and_resume(tmp_path):
     assert (out / "samples.png").stat().st_size > 0
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"client0.safetensors", "client1.safetensors", "server.safetensors",
                                                                 "sent_rows.safetensors"}
-    assert [p.name for p in (out / "secrets").iterdir()] == ["client0.key"]  # client1 (c = 1) never talks to the server
+    # client1 (c = 1) never talks to the server; client0's secret is bound to its cut and data
+    assert sorted(p.name for p in (out / "secrets").iterdir()) == ["client0.key", "client0.views.json"]
     secret = (out / "secrets" / "client0.key").read_bytes()
     proc = subprocess.run([*base, "--steps", "6", "--resume"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 4
     assert (out / "secrets" / "client0.key").read_bytes() == secret  # resume keeps the secret
+    other_cut = [a if a != "0.6,1.0" else "0.4,1.0" for a in base]  # the same secret at another cut: two solvable views
+    proc = subprocess.run([*other_cut, "--steps", "8", "--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "with t_c=60; this run asks for t_c=40" in proc.stderr, proc.stderr
 
 
 def test_capped_shares_bound_every_owner_and_keep_proportions_otherwise():
