@@ -48,6 +48,7 @@ from collafuse.protocol.wire import ErrorCode, ProtocolError
 log = logging.getLogger("collafuse.broker")
 KINDS = ("train", "denoise")
 NODE_ROLE = {"hello": "node", "heartbeat": "node", "train": "node", "denoise": "node", "status": "admin"}  # message → role it needs
+WORKER_TYPES = ("ready", "heartbeat", *wire.REPLIES, *wire.RELAYED, "group_failed", "bye")  # what the backend takes
 
 
 def digest(frames: list[zmq.Frame]) -> int:
@@ -70,13 +71,13 @@ class Job:
     received: float
     digest: int
     nbytes: int  # envelope and tensors, for the broker's cap on queued bytes
+    route: bytes  # the node connection that sent it (last): its reply goes there
     dispatched: float = 0.0  # when a worker took it (the worker's `jobs` says which)
 
 
 @dataclass
 class ClientState:
     name: str
-    route: bytes
     image_shape: tuple[int, int, int]
     last_seen: float
     t_c: int = 0  # the cut it announced in hello: shown in status, so an operator sees who sends what
@@ -242,14 +243,17 @@ class Broker(Stoppable):
             self.node_error(route, ProtocolError(ErrorCode.BAD_ENVELOPE, f"expected 1 or 2 frames after the routing id, got {len(frames)}"))
             return
         try:
-            env = wire.decode(frames[0].buffer, self.limits)
+            env = wire.decode(frames[0].buffer, self.limits, NODE_ROLE)
         except ProtocolError as exc:
             self.node_error(route, exc)
             return
         kind = env["type"]
-        why = self.forbidden(frames[0], NODE_ROLE.get(kind, "node"))
+        why = self.forbidden(frames[0], NODE_ROLE[kind])
         if why:
             self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, why, wire.job_of(env)))
+            return
+        if len(frames) == 2 and kind not in KINDS:
+            self.node_error(route, ProtocolError(ErrorCode.BAD_TENSOR, f"{kind} carries no tensor frame"))
             return
         if kind == "hello":
             self.on_hello(route, env, security.user_id(frames[0]))
@@ -257,10 +261,8 @@ class Broker(Stoppable):
             self.on_node_heartbeat(route)
         elif kind == "status":
             self.reply_node(route, [wire.encode("status_reply", status=self.status())])
-        elif kind in KINDS:
-            self.on_job(route, env, frames)
         else:
-            self.node_error(route, ProtocolError(ErrorCode.UNKNOWN_TYPE, f"a node may not send {kind!r}", wire.job_of(env)))
+            self.on_job(route, env, frames)
 
     def on_node_heartbeat(self, route: bytes) -> None:
         """Answer a node's heartbeat; `not_joined` from a connection that never said hello here
@@ -296,8 +298,8 @@ class Broker(Stoppable):
             if len(self.clients) >= self.config.max_clients:
                 self.node_error(route, ProtocolError(ErrorCode.BUSY, f"this broker serves {self.config.max_clients} clients at most; retry later"))
                 return
-            client = self.clients[env["client"]] = ClientState(env["client"], route, shape, now)  # type: ignore[arg-type]
-        client.route, client.last_seen, client.t_c = route, now, env["t_c"]
+            client = self.clients[env["client"]] = ClientState(env["client"], shape, now)  # type: ignore[arg-type]
+        client.last_seen, client.t_c = now, env["t_c"]
         self.routes[route] = client.name
         self.routes.move_to_end(route)
         while len(self.routes) > 4 * self.config.max_clients:
@@ -352,13 +354,14 @@ class Broker(Stoppable):
     def on_job(self, route: bytes, env: dict, frames: list[zmq.Frame]) -> None:
         kind, job_id = env["type"], env["job"]
         client = self.clients.get(env["client"])
-        if client is None:
-            self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, f"client {env['client']!r} must send hello first", job_id))
+        if client is None or route not in self.routes:  # a name nobody said hello with, or a connection that never did
+            self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, f"send hello as {env['client']!r} on this connection first", job_id))
             return
         if self.keys is not None and self.owners.get(client.name) != security.user_id(frames[0]):
             self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, f"client name {client.name!r} belongs to another key", job_id))
             return
-        client.route, client.last_seen = route, time.monotonic()
+        client.last_seen = time.monotonic()
+        self.routes.move_to_end(route)
         key, sent = (client.name, job_id), digest(frames)
         held = self.jobs.get(key)
         cached = client.replies.get(job_id)
@@ -366,7 +369,8 @@ class Broker(Stoppable):
             self.node_error(route, ProtocolError(ErrorCode.CONFLICT, f"job id {job_id!r} was used for a different request", job_id), client)
             return
         if held is not None:
-            return  # a retry of a job we hold: its one reply will come
+            held.route = route  # a retry of a job we hold (perhaps on a new connection): its one reply will come, here
+            return
         if cached is not None:
             self.reply_node(route, cached[1])  # a retry of a job already answered
             return
@@ -376,7 +380,7 @@ class Broker(Stoppable):
         except ProtocolError as exc:
             self.node_error(route, exc, client)
             return
-        job = Job(client.name, job_id, kind, rows, frames, time.monotonic(), sent, size)
+        job = Job(client.name, job_id, kind, rows, frames, time.monotonic(), sent, size, route)
         self.jobs[key] = job
         client.counts["submitted"] += 1
         self.enqueue(job)
@@ -423,7 +427,7 @@ class Broker(Stoppable):
             self.forget_reply(job.client, next(iter(client.replies)))
         while self.cached_bytes > self.config.reply_cache_bytes:
             self.forget_reply(*next(iter(self.cached)))
-        self.reply_node(client.route, frames)
+        self.reply_node(job.route, frames)
 
     def fail(self, job: Job, code: str, reason: str) -> None:
         self.answer(job, [wire.error(job.job_id, code, reason)], failed=True)
@@ -438,11 +442,15 @@ class Broker(Stoppable):
         if worker is not None:
             worker.last_seen = time.monotonic()
         try:
-            env = wire.decode(frames[0].buffer, self.limits)
+            env = wire.decode(frames[0].buffer, self.limits, WORKER_TYPES)
+            expected = 1 + wire.tensor_frames(env)
+            if len(frames) != expected:
+                raise ProtocolError(ErrorCode.BAD_ENVELOPE, f"{env['type']} takes {expected} frame(s), got {len(frames)}", wire.job_of(env))
         except ProtocolError as exc:
             log.warning("bad message from worker %s: %s", worker.name if worker else "?", exc)
-            if worker is not None:
-                self.on_invalid_reply(worker, wire.loose_decode(frames[0].buffer, self.limits), exc)
+            loose = wire.loose_decode(frames[0].buffer, self.limits)
+            if worker is None or not self.on_invalid_reply(worker, loose, exc):
+                self.backend.send_multipart([route, wire.error(loose.get("job", ""), exc.code, exc.reason)])
             return
         kind = env["type"]
         training = (kind == "ready" and env["trainer"]) or (kind != "ready" and (route == self.trainer or route in self.group.current.members))
@@ -467,7 +475,7 @@ class Broker(Stoppable):
                 log.info("worker %s is the trainer now (at step %s)", worker.name, worker.stats.get("step"))
         elif kind in wire.REPLIES:
             self.on_reply(worker, env, frames)
-        elif kind in wire.RELAYED and route == self.trainer and len(frames) == 2:
+        elif kind in wire.RELAYED and route == self.trainer:
             if env["part"] == 0:
                 self.relayed[kind] = []
             self.relayed[kind].append(frames)
@@ -529,11 +537,19 @@ class Broker(Stoppable):
             worker.credit[job.kind] += job.rows
         return job
 
+    def held_key(self, worker: WorkerState, env: dict) -> tuple[str, str] | None:
+        """Which held job a worker's reply answers: (client, job). A worker's `error` may leave its
+        client out (PROTOCOL.md): then the one job of that id this worker holds."""
+        if "client" in env:
+            return env["client"], env.get("job", "")
+        named = [key for key in worker.jobs if key[1] == env.get("job")]
+        return named[0] if len(named) == 1 else None
+
     def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
-        key = (env["client"], env["job"])
-        job = self.release(worker, key)
-        if job is None or self.jobs.get(key) is not job:
-            log.info("dropping a late or duplicate reply for %s from %s", key, worker.name)
+        key = self.held_key(worker, env)
+        job = self.release(worker, key) if key is not None else None
+        if job is None or self.jobs.get(key) is not job:  # type: ignore[arg-type]
+            log.info("dropping a late or duplicate reply for %s from %s", key or env["job"], worker.name)
             return
         problem = self.reply_problem(job, env, frames)
         if problem:
@@ -553,8 +569,6 @@ class Broker(Stoppable):
         spec = wire.tensor_spec(env, self.model_shape or (1, 1, 1))
         if env["type"] == "result" and env["count"] != job.rows:
             return f"{env['count']} rows for a job of {job.rows}"
-        if (spec is None) != (len(frames) == 1):
-            return "tensor frame missing or unexpected"
         if spec is not None:
             try:
                 tensors.check(frames[1].buffer, spec, self.limits.max_frame_bytes)
@@ -562,12 +576,15 @@ class Broker(Stoppable):
                 return exc.reason
         return None
 
-    def on_invalid_reply(self, worker: WorkerState, loose: dict, exc: ProtocolError) -> None:
-        """A worker's reply that failed validation still ends its job: an error to the node."""
-        key = (loose.get("client", ""), loose.get("job", ""))
-        job = self.release(worker, key)
-        if job is not None and self.jobs.get(key) is job:
-            self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({exc.reason})")
+    def on_invalid_reply(self, worker: WorkerState, loose: dict, exc: ProtocolError) -> bool:
+        """A worker's reply that failed validation still ends its job: an error to the node. Whether
+        it named a job this worker holds (if not, the worker is told instead)."""
+        key = self.held_key(worker, loose)
+        job = self.release(worker, key) if key is not None else None
+        if job is None or self.jobs.get(key) is not job:  # type: ignore[arg-type]
+            return False
+        self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({exc.reason})")
+        return True
 
     def remove_worker(self, worker: WorkerState, why: str) -> None:
         log.warning("worker %s removed (%s); re-queueing %d jobs", worker.name, why, len(worker.jobs))

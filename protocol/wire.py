@@ -7,7 +7,7 @@ receiver acts on them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import msgpack
 import numpy as np
@@ -186,7 +186,9 @@ FIELDS: dict[str, dict[str, Check]] = {
 }
 
 # type → {field: check} for fields a message may carry: the broker's heartbeats carry its epoch.
-OPTIONAL: dict[str, dict[str, Check]] = {"heartbeat": {"epoch": EPOCH}, "ready": {"group": ADDRESS}}
+# A worker's error names the job's client as its ack or result do; without it the broker finds the
+# job by its id among those the worker holds.
+OPTIONAL: dict[str, dict[str, Check]] = {"heartbeat": {"epoch": EPOCH}, "ready": {"group": ADDRESS}, "error": {"client": CLIENT}}
 
 KINDS_WITH_REPLY = ("train", "denoise")  # the job kinds a node submits; each gets exactly one final reply
 REPLIES = ("ack", "result", "error")  # the final replies a worker sends for them
@@ -227,8 +229,9 @@ def error(job: str, code: str, reason: str) -> bytes:
     return encode("error", job=job, code=code, reason=reason[:1024])
 
 
-def decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
-    """Parse and validate an envelope; raise ProtocolError with the code and reason."""
+def decode(frame: bytes | memoryview, limits: ProtocolLimits, types: Iterable[str] | None = None) -> dict[str, Any]:
+    """Parse and validate an envelope; raise ProtocolError with the code and reason. `types`: the
+    types this side takes (None: any); another is `unknown_type` before its fields are read."""
     if len(frame) > limits.max_envelope_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes exceeds {limits.max_envelope_bytes}")
     try:
@@ -245,6 +248,8 @@ def decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str, Any]:
     msg_type = env.get("type")
     if not isinstance(msg_type, str) or msg_type not in FIELDS:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_show(msg_type)}", job)
+    if types is not None and msg_type not in types:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg_type!r} is not taken from this side", job)
     optional = OPTIONAL.get(msg_type, {})
     for name, check in (FIELDS[msg_type] | optional).items():
         if name not in env:
@@ -281,6 +286,12 @@ def loose_decode(frame: bytes | memoryview, limits: ProtocolLimits) -> dict[str,
 def _show(value: Any) -> str:
     """A hostile value in an error reason, bounded."""
     return repr(value)[:64]
+
+
+def tensor_frames(env: dict[str, Any]) -> int:
+    """How many tensor frames follow this message's envelope: one for a train job, a result and a
+    relayed part; none for the rest."""
+    return int(env["type"] in TENSORS or env["type"] in RELAYED)
 
 
 def tensor_spec(env: dict[str, Any], image_shape: tuple[int, int, int]) -> dict[str, tuple[str, tuple[int, ...]]] | None:

@@ -243,6 +243,57 @@ def test_a_flooding_client_delays_the_others_by_one_turn_not_by_its_queue(fleet)
     assert fleet.alive("broker")
 
 
+def test_what_a_client_written_from_protocol_md_found(fleet):
+    """Each case a client written from PROTOCOL.md alone once found answered late, wrongly or not at
+    all: now one coded reply each, and a reply goes to the connection that sent the job."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200")
+    worker = RawWorker(back, "w")
+    worker.ready(denoise_credit=8, train_credit=8)
+    wait_for(lambda: (_status(front) or {}).get("workers"), 10, what="the raw worker")
+    # a worker's bad ready, or one with a tensor frame, is answered (it used to hear only not_joined later)
+    bad = RawWorker(back, "bad")
+    bad.send(wire.encode("ready", worker="bad", denoise_credit=-5, train_credit=0, trainer=False, image_shape=list(SHAPE), levels=100, model="tiny"))
+    assert _one_reply(bad)["code"] == "bad_field"
+    bad.send(wire.encode("ready", worker="bad", denoise_credit=8, train_credit=0, trainer=False, image_shape=list(SHAPE), levels=100, model="tiny"), b"x")
+    assert _one_reply(bad)["code"] == "bad_envelope"
+    # a node's hello with a tensor frame, a worker's message type from a node
+    a = RawClient(front, "a")
+    a.send(wire.encode("hello", client="a", t_c=60, image_shape=list(SHAPE), levels=100), b"anything")
+    assert _one_reply(a)["code"] == "bad_tensor"
+    a.send(msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "ready"}))
+    assert _one_reply(a)["code"] == "unknown_type"
+    a.hello()
+    # a worker's error with the fields PROTOCOL.md lists (no client) ends the job at once
+    a.denoise("d1", count=2)
+    env, _ = worker.next_job()
+    worker.send(wire.encode("error", job=env["job"], code="internal", reason="model exploded"))
+    reply = _one_reply(a, timeout=5)
+    assert (reply["job"], reply["code"], reply["reason"]) == ("d1", "internal", "model exploded")
+    # a job from a connection that never said hello is not_joined, and cannot take another's reply
+    a.denoise("d2", count=2)
+    held, _ = worker.next_job()
+    thief = RawClient(front, "a")  # the same name (and, with keys, the same key), never said hello
+    thief.denoise("d3", count=2)
+    assert _one_reply(thief)["code"] == "not_joined"
+    worker.send(wire.encode("result", job="d2", client="a", count=2), tensors.encode({"x": np.zeros((2, *SHAPE), np.float32)}))
+    assert _one_reply(a)["job"] == "d2" and thief.silent(0.5)
+    # two welcomed connections of one name: each job's reply goes to the one that sent it
+    thief.hello()
+    thief.denoise("d4", count=2)
+    a.denoise("d5", count=2)
+    for _ in range(2):
+        env, _ = worker.next_job()
+        worker.send(wire.encode("result", job=env["job"], client="a", count=2), tensors.encode({"x": np.zeros((2, *SHAPE), np.float32)}))
+    assert _one_reply(thief)["job"] == "d4" and _one_reply(a)["job"] == "d5"
+    # a result with a third frame is not forwarded as valid: the node hears internal
+    a.denoise("d6", count=2)
+    worker.next_job()
+    worker.send(wire.encode("result", job="d6", client="a", count=2), tensors.encode({"x": np.zeros((2, *SHAPE), np.float32)}), b"junk")
+    reply = _one_reply(a)
+    assert reply["code"] == "internal" and "frame" in reply["reason"]
+    assert fleet.alive("broker")
+
+
 def test_one_key_cannot_hold_more_than_its_connections(fleet):
     """A node key that opens connection after connection (here 5, each with its own name, the cap
     3) keeps only its newest 3 known; its oldest are answered `not_joined` (they may say hello

@@ -167,7 +167,8 @@ class Worker(Stoppable):
         self.sock.send_multipart(list(frames), copy=False)
 
     def reply_error(self, env: dict, exc: ProtocolError) -> None:
-        self.send(wire.encode("error", job=env.get("job", ""), client=env.get("client", ""), code=exc.code, reason=exc.reason))
+        named = {"client": env["client"]} if "client" in env else {}
+        self.send(wire.encode("error", job=env.get("job", ""), code=exc.code, reason=exc.reason, **named))
 
     def heartbeat(self) -> None:
         """Heartbeat the broker when due (with this worker's counters)."""
@@ -310,6 +311,8 @@ class Worker(Stoppable):
             self.stopping = True
         elif env["code"] == ErrorCode.REFUSED and not env["job"] and self.group is not None:
             self.leave_group(env["reason"])
+        else:
+            log.warning("the broker refused a message of this worker: %s %s", env["code"], env["reason"])
 
     def leave_group(self, reason: str) -> None:
         """The broker left this trainer out of the group: from now on it is a denoise-only worker on
