@@ -634,9 +634,10 @@ class Broker(Stoppable):
             return [self.workers[r] for r in self.group.current.members if r in self.workers]
         return [self.workers[self.trainer]] if self.trainer in self.workers else []
 
-    def best_taker(self, kind: str) -> WorkerState | None:
-        """The taker of this kind with the most credit: the next job goes there, if it fits."""
-        return max(self.takers(kind), key=lambda w: w.credit[kind], default=None)
+    def best_taker(self, kind: str, kept: set[bytes]) -> WorkerState | None:
+        """The taker of this kind with the most credit, of those not kept for an old job: the next
+        job goes there, if it fits."""
+        return max((w for w in self.takers(kind) if w.route not in kept), key=lambda w: w.credit[kind], default=None)
 
     def servable(self, job: Job) -> bool:
         """Some live worker could take this job once its credit is back."""
@@ -676,26 +677,44 @@ class Broker(Stoppable):
 
     def dispatch(self) -> None:
         """Round robin per kind: the client served last goes to the back of the line; one whose next
-        job does not fit the best taker's credit keeps its place. A pass stops as soon as no taker
+        job does not fit the best taker's credit keeps its place while smaller jobs pass it, for
+        `reserve_after`; after that the worker closest to holding it is kept for it (`keep_for`),
+        so a large job is not starved by a stream of small ones. A pass stops as soon as no taker
         has credit left: thousands of clients waiting on full workers cost one look per job sent."""
+        now = time.monotonic()
         for kind, turns in self.turns.items():
-            worker = self.best_taker(kind)
+            kept: set[bytes] = set()  # workers kept for an old job that does not fit yet
+            worker = self.best_taker(kind, kept)
             progress = True
             while progress and turns and worker is not None and worker.credit[kind] > 0:
                 progress = False
                 for name in list(turns):
-                    if self.clients[name].queues[kind][0].rows > worker.credit[kind]:
+                    head = self.clients[name].queues[kind][0]
+                    if head.rows > worker.credit[kind]:
+                        if now - head.received > self.config.reserve_after and self.keep_for(head, kept):
+                            worker = self.best_taker(kind, kept)
+                            if worker is None or worker.credit[kind] == 0:
+                                break
                         continue
                     job = self.dequeue(name, kind)
-                    job.dispatched = time.monotonic()
+                    job.dispatched = now
                     worker.credit[kind] -= job.rows
                     worker.jobs[(name, job.job_id)] = job
                     self.backend.send_multipart([worker.route, *job.frames], copy=False)
                     self.forwarded += 1
                     progress = True
-                    worker = self.best_taker(kind)
+                    worker = self.best_taker(kind, kept)
                     if worker is None or worker.credit[kind] == 0:
                         break
+
+    def keep_for(self, job: Job, kept: set[bytes]) -> bool:
+        """Keep, for this job, the taker not yet kept with the most free credit among those that can
+        ever hold it: from now on its credit only grows until the job, first in line by then, fits."""
+        able = [w for w in self.takers(job.kind) if w.route not in kept and w.max_credit[job.kind] >= job.rows]
+        if not able:
+            return False
+        kept.add(max(able, key=lambda w: w.credit[job.kind]).route)
+        return True
 
     def dequeue(self, name: str, kind: str) -> Job:
         """The head of this client's queue of this kind; the client goes to the back of the line."""

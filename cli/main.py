@@ -86,6 +86,7 @@ def broker(
     client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
     no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
     job_timeout: float = typer.Option(BrokerConfig.job_timeout, "--job-timeout", min=0.0, help="Seconds a worker may hold a job; then it is answered 'timeout'."),
+    reserve_after: float = typer.Option(BrokerConfig.reserve_after, "--reserve-after", min=0.0, help="Seconds smaller jobs may pass a queued job that no worker's free credit covers yet; then the worker closest to covering it is kept for it, so a large job cannot starve."),
     state: str = typer.Option(BrokerConfig.state, "--state", help="Folder for the trainer's latest relayed weights and moments and the client-name registry, written as they change and read at start, so a restarted broker serves late workers at once and no name changes hands. Queued jobs are not kept: nodes re-send them. The folder also fixes the model (image shape, T) the broker serves: another model needs another folder."),
     max_frame_bytes: int = MAX_FRAME,
 ) -> None:
@@ -108,6 +109,7 @@ def broker(
         client_idle_expiry=client_idle_expiry,
         no_worker_wait=no_worker_wait,
         job_timeout=job_timeout,
+        reserve_after=reserve_after,
         state=state,
         heartbeat=conn.heartbeat(),
         limits=conn.limits(max_frame_bytes),
@@ -266,7 +268,7 @@ def up(
 def demo(
     out: Path = typer.Option(DemoConfig.out, "--out", help="Report folder (report/ holds samples.png, real.png, metrics.json)."),
     clients: int = typer.Option(DemoConfig.clients, "--clients", min=1, help="Nodes to start."),
-    cut_ratio: str = typer.Option(",".join(map(str, DemoConfig.cut_ratios)), "--cut-ratio", help="One c for all nodes or a comma list, one per node."),
+    cut_ratio: str = typer.Option(",".join(map(str, DemoConfig.cut_ratios)), "--cut-ratio", help="One c for all nodes or a comma list, one per node (a c with round(c*T) = 0 sends the embedded images unnoised, as asked)."),
     steps: int = typer.Option(DemoConfig.steps, "--steps", min=1, help="Local training steps per node."),
     batch_size: int = typer.Option(DemoConfig.batch_size, "--batch-size", min=1, help="Images per node per step."),
     image_size: int = typer.Option(DemoConfig.image_size, "--image-size", help="32, 64 or 128."),

@@ -189,6 +189,9 @@ class BrokerConfig:
     # Every accepted job gets one final reply within a bound (PROTOCOL.md):
     no_worker_wait: float = 60.0  # a queued job that no live worker can take is answered "unavailable" after this
     job_timeout: float = 900.0  # a job a worker holds longer than this is answered "timeout"
+    # A queued job larger than any worker's free credit lets smaller jobs pass it for this long;
+    # then the worker closest to holding it takes no job of its kind until it fits (no starvation).
+    reserve_after: float = 5.0
     group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
     group_max_failures: int = 3  # failed generations in a row after which a trainer that never formed one is a suspect (broker/group.py)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)

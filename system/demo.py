@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from collafuse.common.config import DemoConfig, one_per_client
+from collafuse.common.config import DemoConfig, NodeConfig, one_per_client
 from collafuse.protocol.admin import fetch_status
 from collafuse.protocol.security import PeerKeys
 from collafuse.system.keyring import Keyring
@@ -92,6 +92,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict[str, Any]:
                 "--shards", str(cfg.clients), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
                 "--model", cfg.client_model, "--state", str(out / name), "--cut-noise", cfg.cut_noise, *common, *keyring.args(name, "node"),
                 *(["--lockstep"] if cfg.lockstep else []),
+                *(["--share-clean-images"] if NodeConfig(cut_ratio=c).cut.t_c == 0 else []),  # asked for on the embedded data
                 module="collafuse.cli.node"))
         next_report = 0.0
         while any(fleet.alive(n) for n in names):

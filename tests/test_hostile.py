@@ -243,6 +243,41 @@ def test_a_flooding_client_delays_the_others_by_one_turn_not_by_its_queue(fleet)
     assert fleet.alive("broker")
 
 
+def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(fleet):
+    """A job larger than the worker's free credit lets smaller ones pass only for --reserve-after:
+    then the worker is kept for it, drains, and takes it, and the small ones follow."""
+    front, back = start_broker(fleet, "--heartbeat-liveness", "200", "--reserve-after", "1")
+    worker = RawWorker(back, "w")
+    worker.ready(denoise_credit=4, train_credit=0, trainer=False)
+    wait_for(lambda: (_status(front) or {}).get("workers"), 10, what="the raw worker")
+    small, big = RawClient(front, "small"), RawClient(front, "big")
+    small.hello(), big.hello()
+    held = []
+    for i in range(3):
+        small.denoise(f"s{i}", count=1)
+        held.append(worker.next_job()[0]["job"])
+    big.denoise("b", count=4)  # 1 row of credit free: it waits
+    order, sent, started = [], 3, time.monotonic()
+    while "b" not in order and time.monotonic() - started < 8:
+        if held:  # answer the oldest small job and send another, which fits the row it frees
+            job = held.pop(0)
+            worker.send(wire.encode("result", job=job, client="small", count=1), tensors.encode({"x": np.zeros((1, *SHAPE), np.float32)}))
+            small.denoise(f"s{sent}", count=1)
+            sent += 1
+        try:
+            env, _ = worker.next_job(timeout=0.3)
+        except (TimeoutError, ConnectionError):
+            continue
+        order.append(env["job"])
+        if env["job"] != "b":
+            held.append(env["job"])
+        time.sleep(0.1)
+    assert "b" in order, f"the 4-row job never went: {order}"
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 8, waited  # small jobs passed it for about --reserve-after, not longer
+    assert fleet.alive("broker")
+
+
 def test_what_a_client_written_from_protocol_md_found(fleet):
     """Each case a client written from PROTOCOL.md alone once found answered late, wrongly or not at
     all: now one coded reply each, and a reply goes to the connection that sent the job."""

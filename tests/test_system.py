@@ -109,7 +109,8 @@ def test_end_to_end_three_nodes_train_and_generate(fleet, tmp_path):
     names = ["n0", "n1", "n2"]
     for i, n in enumerate(names):
         fleet.start(n, node("join", "--broker", front, "--name", n, "--shard", str(i), "--shards", "3", "--cut-ratio", ["0.0", "0.6", "1.0"][i],
-                            "--steps", "12", "--batch-size", "8", "--state", str(tmp_path / n), "--device", "cpu", *FAST_HB))
+                            "--steps", "12", "--batch-size", "8", "--state", str(tmp_path / n), "--device", "cpu", *FAST_HB,
+                            *(["--share-clean-images"] if i == 0 else [])))  # c = 0 sends x₀: refused without it
     for n in names:
         assert fleet.wait(n, 300) == 0, fleet.tail(n)
     progress = {n: json.loads((tmp_path / n / "progress.json").read_text()) for n in names}
