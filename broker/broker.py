@@ -545,11 +545,17 @@ class Broker(Stoppable):
         named = [key for key in worker.jobs if key[1] == env.get("job")]
         return named[0] if len(named) == 1 else None
 
-    def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
+    def take_held(self, worker: WorkerState, env: dict) -> Job | None:
+        """The unanswered job this worker's reply is for, its credit returned; None for a late or
+        duplicate reply, or one that names no job the worker holds."""
         key = self.held_key(worker, env)
         job = self.release(worker, key) if key is not None else None
-        if job is None or self.jobs.get(key) is not job:  # type: ignore[arg-type]
-            log.info("dropping a late or duplicate reply for %s from %s", key or env["job"], worker.name)
+        return job if job is not None and self.jobs.get(key) is job else None  # type: ignore[arg-type]
+
+    def on_reply(self, worker: WorkerState, env: dict, frames: list[zmq.Frame]) -> None:
+        job = self.take_held(worker, env)
+        if job is None:
+            log.info("dropping a late or duplicate reply for %s of %s from %s", env["job"], env.get("client", "?"), worker.name)
             return
         problem = self.reply_problem(job, env, frames)
         if problem:
@@ -579,12 +585,10 @@ class Broker(Stoppable):
     def on_invalid_reply(self, worker: WorkerState, loose: dict, exc: ProtocolError) -> bool:
         """A worker's reply that failed validation still ends its job: an error to the node. Whether
         it named a job this worker holds (if not, the worker is told instead)."""
-        key = self.held_key(worker, loose)
-        job = self.release(worker, key) if key is not None else None
-        if job is None or self.jobs.get(key) is not job:  # type: ignore[arg-type]
-            return False
-        self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({exc.reason})")
-        return True
+        job = self.take_held(worker, loose)
+        if job is not None:
+            self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({exc.reason})")
+        return job is not None
 
     def remove_worker(self, worker: WorkerState, why: str) -> None:
         log.warning("worker %s removed (%s); re-queueing %d jobs", worker.name, why, len(worker.jobs))
@@ -634,7 +638,7 @@ class Broker(Stoppable):
             return [self.workers[r] for r in self.group.current.members if r in self.workers]
         return [self.workers[self.trainer]] if self.trainer in self.workers else []
 
-    def best_taker(self, kind: str, kept: set[bytes]) -> WorkerState | None:
+    def best_taker(self, kind: str, kept: dict[bytes, Job]) -> WorkerState | None:
         """The taker of this kind with the most credit, of those not kept for an old job: the next
         job goes there, if it fits."""
         return max((w for w in self.takers(kind) if w.route not in kept), key=lambda w: w.credit[kind], default=None)
@@ -680,10 +684,12 @@ class Broker(Stoppable):
         job does not fit the best taker's credit keeps its place while smaller jobs pass it, for
         `reserve_after`; after that the worker closest to holding it is kept for it (`keep_for`),
         so a large job is not starved by a stream of small ones. A pass stops as soon as no taker
-        has credit left: thousands of clients waiting on full workers cost one look per job sent."""
+        has credit left, so thousands of clients waiting on full workers cost one look per job sent
+        (but a free credit above zero and below every waiting job still costs a look at every
+        waiting client per call)."""
         now = time.monotonic()
         for kind, turns in self.turns.items():
-            kept: set[bytes] = set()  # workers kept for an old job that does not fit yet
+            kept: dict[bytes, Job] = {}  # workers kept for an old job that does not fit yet → that job
             worker = self.best_taker(kind, kept)
             progress = True
             while progress and turns and worker is not None and worker.credit[kind] > 0:
@@ -691,7 +697,8 @@ class Broker(Stoppable):
                 for name in list(turns):
                     head = self.clients[name].queues[kind][0]
                     if head.rows > worker.credit[kind]:
-                        if now - head.received > self.config.reserve_after and self.keep_for(head, kept):
+                        if now - head.received > self.config.reserve_after and not any(j is head for j in kept.values()) \
+                                and self.keep_for(head, kept):
                             worker = self.best_taker(kind, kept)
                             if worker is None or worker.credit[kind] == 0:
                                 break
@@ -707,14 +714,20 @@ class Broker(Stoppable):
                     if worker is None or worker.credit[kind] == 0:
                         break
 
-    def keep_for(self, job: Job, kept: set[bytes]) -> bool:
+    def keep_for(self, job: Job, kept: dict[bytes, Job]) -> bool:
         """Keep, for this job, the taker not yet kept with the most free credit among those that can
-        ever hold it: from now on its credit only grows until the job, first in line by then, fits."""
-        able = [w for w in self.takers(job.kind) if w.route not in kept and w.max_credit[job.kind] >= job.rows]
+        hold it once their held jobs come back (a job answered `timeout` may never come back): from
+        now on its credit only grows until the job, first in line by then, fits."""
+        able = [w for w in self.takers(job.kind) if w.route not in kept and w.max_credit[job.kind] - self.stranded(w, job.kind) >= job.rows]
         if not able:
             return False
-        kept.add(max(able, key=lambda w: w.credit[job.kind]).route)
+        kept[max(able, key=lambda w: w.credit[job.kind]).route] = job
         return True
+
+    def stranded(self, worker: WorkerState, kind: str) -> int:
+        """Rows of this kind the worker holds for jobs already answered (timed out): their credit
+        returns only if the worker ever replies."""
+        return sum(j.rows for key, j in worker.jobs.items() if j.kind == kind and self.jobs.get(key) is not j)
 
     def dequeue(self, name: str, kind: str) -> Job:
         """The head of this client's queue of this kind; the client goes to the back of the line."""

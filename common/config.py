@@ -135,7 +135,6 @@ class SimulateConfig:
     log_every: int = 25
     checkpoint_every: int = 200
     cut_noise: str = "keyed"  # keyed: one secret ε₁ per image; fresh: one per message (more views for the server)
-    share_clean_images: bool = False  # a cut of t_c = 0 sends the clean images: refused unless asked for
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=EXPERIMENT_BATCH))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -250,6 +249,7 @@ class NodeConfig(PeerConfig):
     shard: int = 0  # which client shard of the data this node holds
     shards: int = 3
     state: str = ""  # folder for the secret, checkpoint and progress ('' = ~/.collafuse/node-NAME, wherever the node starts)
+    clean_noise: float = 0.1  # a cut whose noise at t_c (√(1−ᾱ_{t_c})) is below this is logged as sending near-clean images
     steps: int = 600
     window: int = 4  # train jobs in flight at most; local training never waits for them
     lockstep: bool = False  # wait for room in the window instead of skipping a step's message (reproducible runs)

@@ -10,7 +10,12 @@ from pathlib import Path
 def replace_durably(tmp: Path, path: Path) -> None:
     """Rename the fsynced `tmp` over `path` and make the rename durable."""
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames and links done in this folder durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -33,7 +33,7 @@ import torch
 
 from collafuse.common.config import DataConfig
 from collafuse.common.cut import Cut
-from collafuse.common.files import replace_durably
+from collafuse.common.files import sync_folder
 
 SECRET_BYTES = 32
 MODES = ("keyed", "fresh")
@@ -118,12 +118,16 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
         path.parent.mkdir(parents=True, exist_ok=True)
         if wanted is not None:
             _write_record(record, wanted)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, secrets.token_bytes(SECRET_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it meanwhile: its secret (and record) stand
+            pass
+        else:
+            try:
+                os.write(fd, secrets.token_bytes(SECRET_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if path.stat().st_mode & 0o077:
         raise ValueError(f"node secret {path} may be read by others; make it private: chmod 600 {path}")
     secret = path.read_bytes()
@@ -135,12 +139,21 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
 
 
 def _write_record(record: Path, views: dict[str, Any]) -> None:
-    tmp = record.with_name(record.name + ".tmp")
+    """Whole and only once: a record another process linked into place first stands (the check
+    after the secret is read compares against it), so two nodes racing on one folder cannot
+    leave a record of settings its secret never used."""
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(views, f, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    replace_durably(tmp, record)
+    try:
+        os.link(tmp, record)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    sync_folder(record.parent)
 
 
 def _check_record(record: Path, wanted: dict[str, Any]) -> None:

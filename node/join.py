@@ -23,6 +23,7 @@ from collafuse.common.config import DiffusionConfig, NodeConfig
 from collafuse.engine.checkpoint import load_checkpoint, load_extra, read_metadata, save_checkpoint
 from collafuse.diffusion import cutnoise
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
+from collafuse.diffusion.schedule import Scheduler
 from collafuse.diffusion.models import resolve_device
 from collafuse.datasets import load_federated
 from collafuse.common.energy import PhaseEnergy
@@ -55,6 +56,15 @@ def open_secret(config: NodeConfig) -> bytes:
     if cut.t_c == 0 and not config.share_clean_images:
         raise ValueError(f"cut ratio {config.cut_ratio} gives t_c = 0 of T = {cut.levels}: the server would receive the clean "
                          f"images. Choose a larger ratio, or pass --share-clean-images to send them knowingly")
+    noise = float((1 - Scheduler(DiffusionConfig(levels=cut.levels)).alpha_bar[cut.t_c]).sqrt())
+    if 0 < cut.t_c and noise < config.clean_noise:
+        log.warning("cut t_c = %d sends the server images with noise of standard deviation %.3f (pixels in [-1, 1]): nearly "
+                    "clean; a larger --cut-ratio hides them better", cut.t_c, noise)
+    old_default = Path(f"collafuse-node-{config.name}")  # the default state folder before it moved to ~/.collafuse
+    if not config.state and not path.exists() and (old_default / "secret.key").exists():
+        raise ValueError(f"this node's secret is in {old_default.resolve()} (the default state folder of earlier versions); "
+                         f"a new one in {path.parent} would give the server a second view of every image. Pass --state "
+                         f"{old_default}, or move that folder to {path.parent}")
     checkpoint = checkpoint_path(config)
     if not path.exists() and checkpoint.is_file() and read_metadata(checkpoint).get("rows_sent", 0) > 0:
         raise ValueError(f"{checkpoint} shows that this node has sent images under a secret, but {path} is gone; a "

@@ -175,6 +175,20 @@ def test_a_node_refuses_clean_images_and_a_new_secret_after_sending(tmp_path):
     assert not os.path.exists(os.path.join(node.state, "secret.key")) and first
 
 
+def test_a_node_finds_its_secret_in_the_old_default_folder_and_warns_of_near_clean_cuts(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "collafuse-node-n"
+    old.mkdir()
+    load_secret(old / "secret.key")  # made by an earlier version in ./collafuse-node-NAME
+    with pytest.raises(ValueError, match="default state folder of earlier versions"):
+        open_secret(NodeConfig(name="n"))
+    assert not (tmp_path / "home" / ".collafuse" / "node-n" / "secret.key").exists()
+    with caplog.at_level("WARNING", logger="collafuse.node"):
+        open_secret(NodeConfig(name="m", cut_ratio=0.01))  # t_c = 1 of 100: noise 0.025
+    assert "nearly clean" in caplog.text and (tmp_path / "home" / ".collafuse" / "node-m" / "secret.key").exists()
+
+
 def test_the_node_command_refuses_a_cut_that_sends_clean_images(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "collafuse.cli.node", "join", "--name", "n", "--cut-ratio", "0.004", "--steps", "1",
                            "--state", str(tmp_path / "n"), "--broker", "tcp://127.0.0.1:1", "--insecure", "--device", "cpu"],
