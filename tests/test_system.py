@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import msgpack
@@ -32,10 +33,10 @@ def fleet(tmp_path):
     f.stop_all(timeout=20)
 
 
-def start_broker(fleet: Fleet, *extra: str, name: str = "broker", ports=None) -> tuple[str, str]:
+def start_broker(fleet: Fleet, *extra: str, name: str = "broker", ports=None, host: str = "127.0.0.1") -> tuple[str, str]:
     """A broker with CURVE keys (made beside the fleet's logs; a restart on the same ports reuses them)."""
     fp, bp = ports or (free_port(), free_port())
-    front, back = f"tcp://127.0.0.1:{fp}", f"tcp://127.0.0.1:{bp}"
+    front, back = f"tcp://{host}:{fp}", f"tcp://{host}:{bp}"
     KEYRINGS[front] = KEYRINGS[back] = ring = Keyring(fleet.logs.parent / "keys")
     fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *ring.broker_args(), *FAST_HB, *extra))
     wait_for(lambda: _status(front) is not None, 30, what="broker")
@@ -49,9 +50,10 @@ def _status(front: str):
         return None
 
 
-def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str, timeout: float = 120) -> None:
-    """A worker with a trainer key of its own name (`timeout`: for it to register)."""
-    fleet.start(name, cli("worker", "--broker", back, "--name", name, "--device", "cpu", *KEYRINGS[back].args(name, "trainer"), *FAST_HB, *extra))
+def start_worker(fleet: Fleet, back: str, front: str, name: str, *extra: str, timeout: float = 120, inside: tuple[str, ...] = ()) -> None:
+    """A worker with a trainer key of its own name (`timeout`: for it to register; `inside`: a
+    command prefix that runs it elsewhere, e.g. in another network namespace)."""
+    fleet.start(name, [*inside, *cli("worker", "--broker", back, "--name", name, "--device", "cpu", *KEYRINGS[back].args(name, "trainer"), *FAST_HB, *extra)])
     wait_for(lambda: any(w["name"] == name for w in (_status(front) or {}).get("workers", [])), timeout, what=f"{name} to register")
 
 
@@ -708,6 +710,71 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     print(json.dumps({"trainer_group": {"acknowledged": len(acknowledged), "contained": len(acknowledged & applied),
                                         "applied_twice": meta["rows"] // 4 - len(acknowledged), "steps": meta["step"],
                                         "kill_to_all_acked_s": round(recovered, 1)}}))
+
+
+@pytest.fixture
+def second_host():
+    """Another host: a network namespace joined to this one by a veth pair, (here, there) its two
+    ends' addresses in RFC 2544's benchmarking range (the link leaves no machine). Its 127.0.0.1 is
+    its own, so an address that only works on one host fails across it. Yields the command prefix
+    that runs a process there. Needs root and iproute2: skipped without them."""
+    tag = f"cf{os.getpid() % 100000}"
+    net = f"198.18.{os.getpid() % 250}"
+    here, there = f"{net}.1", f"{net}.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+    try:
+        ip("netns", "add", tag)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no network namespaces here ({exc})")
+    try:
+        ip("link", "add", f"{tag}h", "type", "veth", "peer", "name", f"{tag}p")
+        ip("link", "set", f"{tag}p", "netns", tag)
+        ip("addr", "add", f"{here}/24", "dev", f"{tag}h")
+        ip("link", "set", f"{tag}h", "up")
+        ip("-n", tag, "addr", "add", f"{there}/24", "dev", f"{tag}p")
+        ip("-n", tag, "link", "set", f"{tag}p", "up")
+        ip("-n", tag, "link", "set", "lo", "up")
+        yield ("ip", "netns", "exec", tag), here, there
+    finally:
+        subprocess.run(["ip", "netns", "del", tag], capture_output=True, timeout=20)  # the veth pair goes with its last process
+        subprocess.run(["ip", "link", "del", f"{tag}h"], capture_output=True, timeout=20)
+
+
+def test_a_trainer_group_spans_two_hosts(second_host, fleet, tmp_path):
+    """Two trainers on two hosts (this one and a network namespace) form one group over the link:
+    each rank's rendezvous and gloo connections use its own --group address. The far rank registers
+    first, so it is rank 0 and serves the rendezvous there. Every job is acknowledged once, both
+    ranks apply rows, and both end with bit-identical weights holding every job once."""
+    inside, here, there = second_host
+    slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "10")
+    front, back = start_broker(fleet, *slow_hb, host=here)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--group-timeout", "3", "--sync-every", "4", *slow_hb)
+    start_worker(fleet, back, front, "far", *flags, "--group", f"{there}:{free_port()}", "--checkpoint", str(tmp_path / "far.safetensors"), inside=inside)
+    start_worker(fleet, back, front, "near", *flags, "--group", f"{here}:{free_port()}", "--checkpoint", str(tmp_path / "near.safetensors"))
+    wait_for(lambda: _group_status(front)[""].get("world") == 2, 90, what="a group of two across the link")
+    assert _group_status(front)["far"]["rank"] == 0
+    client = RawClient(front, "c")
+    client.hello()
+    jobs = {f"a{i:02d}" for i in range(12)}
+    got = client.train_all(jobs)
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
+    wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ("far", "near")), 20, what="both ranks to apply rows")
+    assert fleet.stop("near") == 0 and fleet.stop("far") == 0  # SIGTERM: each checkpoints
+
+    from collafuse.engine.checkpoint import load_extra
+
+    files = {n: tmp_path / f"{n}.safetensors" for n in ("far", "near")}
+    weights = {}
+    for n, path in files.items():
+        with safe_open(str(path), framework="pt") as f:
+            weights[n] = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+            assert json.loads(f.metadata()["collafuse"])["metadata"]["rows"] == 4 * len(jobs)
+        assert jobs <= {job for _, job, _ in msgpack.unpackb(load_extra(path)["applied"].numpy().tobytes(), raw=False)}
+    assert weights["far"] and weights["far"].keys() == weights["near"].keys()
+    assert all(torch.equal(weights["far"][k], weights["near"][k]) for k in weights["far"])
 
 
 def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp_path):
