@@ -31,7 +31,7 @@ import secrets
 import time
 import zlib
 from pathlib import Path
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +141,9 @@ class Broker(Stoppable):
         # Per kind, the clients with queued jobs in round-robin order: dicts, so that joining, leaving
         # and going to the back of the line cost O(1) with thousands of clients queued.
         self.turns: dict[str, dict[str, None]] = {kind: {} for kind in KINDS}
+        # Per kind, the rows of every waiting client's next job (rows → how many): when the best
+        # taker's credit is below the smallest, nothing can be sent, and dispatch looks at nobody.
+        self.heads: dict[str, Counter[int]] = {kind: Counter() for kind in KINDS}
         self.queued_bytes = 0
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
@@ -409,6 +412,10 @@ class Broker(Stoppable):
 
     def enqueue(self, job: Job, front: bool = False) -> None:
         queue = self.clients[job.client].queues[job.kind]
+        if front and queue:
+            self.drop_head(queue[0])
+        if front or not queue:
+            self.heads[job.kind][job.rows] += 1
         queue.appendleft(job) if front else queue.append(job)
         self.queued_bytes += job.nbytes
         self.turns[job.kind].setdefault(job.client)
@@ -683,16 +690,15 @@ class Broker(Stoppable):
         """Round robin per kind: the client served last goes to the back of the line; one whose next
         job does not fit the best taker's credit keeps its place while smaller jobs pass it, for
         `reserve_after`; after that the worker closest to holding it is kept for it (`keep_for`),
-        so a large job is not starved by a stream of small ones. A pass stops as soon as no taker
-        has credit left, so thousands of clients waiting on full workers cost one look per job sent
-        (but a free credit above zero and below every waiting job still costs a look at every
-        waiting client per call)."""
+        so a large job is not starved by a stream of small ones. A pass stops as soon as no waiting
+        job fits the best taker's credit (kept workers take none anyway), so thousands of clients
+        waiting on full or nearly full workers cost one look per job sent."""
         now = time.monotonic()
         for kind, turns in self.turns.items():
             kept: dict[bytes, Job] = {}  # workers kept for an old job that does not fit yet → that job
             worker = self.best_taker(kind, kept)
             progress = True
-            while progress and turns and worker is not None and worker.credit[kind] > 0:
+            while progress and self.fits(worker, kind):
                 progress = False
                 for name in list(turns):
                     head = self.clients[name].queues[kind][0]
@@ -700,7 +706,7 @@ class Broker(Stoppable):
                         if now - head.received > self.config.reserve_after and not any(j is head for j in kept.values()) \
                                 and self.keep_for(head, kept):
                             worker = self.best_taker(kind, kept)
-                            if worker is None or worker.credit[kind] == 0:
+                            if not self.fits(worker, kind):
                                 break
                         continue
                     job = self.dequeue(name, kind)
@@ -711,7 +717,7 @@ class Broker(Stoppable):
                     self.forwarded += 1
                     progress = True
                     worker = self.best_taker(kind, kept)
-                    if worker is None or worker.credit[kind] == 0:
+                    if not self.fits(worker, kind):
                         break
 
     def keep_for(self, job: Job, kept: dict[bytes, Job]) -> bool:
@@ -733,11 +739,24 @@ class Broker(Stoppable):
         """The head of this client's queue of this kind; the client goes to the back of the line."""
         queue = self.clients[name].queues[kind]
         job = queue.popleft()
+        self.drop_head(job)
         self.queued_bytes -= job.nbytes
         del self.turns[kind][name]
         if queue:
             self.turns[kind][name] = None
+            self.heads[kind][queue[0].rows] += 1
         return job
+
+    def drop_head(self, job: Job) -> None:
+        """This job is no longer its client's next one."""
+        heads = self.heads[job.kind]
+        heads[job.rows] -= 1
+        if not heads[job.rows]:
+            del heads[job.rows]
+
+    def fits(self, worker: WorkerState | None, kind: str) -> bool:
+        """Whether some waiting client's next job of this kind fits this worker's free credit."""
+        return worker is not None and worker.credit[kind] > 0 and worker.credit[kind] >= min(self.heads[kind], default=worker.credit[kind] + 1)
 
     def enforce_deadlines(self, now: float) -> None:
         """Answer the jobs that would otherwise wait forever: a queue head no live worker can take

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 
 import zmq
 
@@ -83,4 +84,48 @@ def test_a_worker_holding_a_timed_out_job_is_not_the_one_kept():
         _answer(broker, live, 2)
         _answer(broker, stuck, 2)  # everything but the lost job
     assert any(j.job_id == "b0" for j in live.jobs.values()), "the 4-row job starved"
+    broker.close()
+
+
+class _Counting(dict):
+    """The broker's clients, counting each look-up by name: dispatch's work per call."""
+
+    looks = 0
+
+    def __getitem__(self, key):
+        self.looks += 1
+        return super().__getitem__(key)
+
+
+def _heads(broker: Broker) -> Counter:
+    return Counter(c.queues["denoise"][0].rows for c in broker.clients.values() if c.queues["denoise"])
+
+
+def test_credit_below_every_waiting_job_costs_no_look_at_the_line():
+    """A worker with 2 rows free and 1,000 clients waiting with 4-row jobs: nothing fits, and a
+    dispatch call looks at no client (it looked at all 1,000 on every call). A 2-row job that
+    arrives then is sent; the sizes the broker keeps of the waiting jobs stay those of the queues'
+    heads through sends, answers and a worker's death (its jobs back to the front of their queues)."""
+    broker = _broker()
+    worker = _worker(broker, "w", 130)
+    for i in range(1000):
+        _job(broker, f"c{i}", "j0", 4), _job(broker, f"c{i}", "j1", 4)
+    broker.dispatch()
+    assert worker.credit["denoise"] == 2 and broker.forwarded == 32
+    counting = broker.clients = _Counting(broker.clients)
+    for _ in range(10):
+        broker.dispatch()
+    assert counting.looks == 0 and broker.forwarded == 32
+    _job(broker, "small", "s0", 2)
+    broker.dispatch()
+    assert worker.credit["denoise"] == 0 and broker.forwarded == 33
+    assert broker.heads["denoise"] == _heads(broker) == Counter({4: 1000})
+    _answer(broker, worker, 10)
+    other = _worker(broker, "other", 8)
+    broker.dispatch()
+    assert broker.heads["denoise"] == _heads(broker)
+    broker.remove_worker(worker, "a test")
+    broker.dispatch()
+    assert other.credit["denoise"] == 0 and broker.heads["denoise"] == _heads(broker)
+    assert sum(broker.heads["denoise"].values()) == len(broker.turns["denoise"])
     broker.close()
