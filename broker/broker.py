@@ -2,7 +2,8 @@
 
 Two ROUTER sockets: nodes connect to the frontend, workers to the backend. The broker reads only
 envelopes; tensor frames are forwarded as the zmq.Frame objects they arrived in (no decode, no
-copy). State is explicit and lives in this module:
+copy). State is explicit and lives in this module, but for the trainer group's membership
+(broker/group.py) and who speaks for which client (broker/identity.py):
 
 - per client: a bounded queue per job kind (train, denoise); a full queue answers `busy` at once;
 - per worker: credit in rows per kind, the jobs it holds, when it was last heard from;
@@ -21,7 +22,7 @@ copy). State is explicit and lives in this module:
 - trust (with a key folder): CURVE on both sockets; the key each message carries must hold the role
   the message needs (node: hello and jobs; admin: status; worker: the backend; trainer: training),
   re-checked every message, so removing a key file revokes it without a restart; a client name is
-  bound to the first key that said hello with it.
+  bound to the first key that said hello with it (broker/identity.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collafuse.common.config import BrokerConfig
 from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import security, tensors, wire
 from collafuse.broker.group import TrainerGroup
+from collafuse.broker.identity import Identities
 from collafuse.broker.state import OWNERS, BrokerState
 from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
@@ -131,11 +133,8 @@ class Broker(Stoppable):
         self.frontend.bind(config.frontend)
         self.backend.bind(config.backend)
         self.state = BrokerState(Path(config.state)) if config.state else None
-        self.owners: dict[str, str] = {}  # client name → the key (z85) that first said hello with it
-        self.names_per_key: dict[str, int] = {}
+        self.identities = Identities(config, self.state)
         self.clients: dict[str, ClientState] = {}
-        self.routes: OrderedDict[bytes, str] = OrderedDict()  # node connection → the client it said hello as (LRU, capped)
-        self.key_routes: dict[str, OrderedDict[bytes, None]] = {}  # node key → its connections in `routes` (LRU, capped per key)
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[tuple[str, str], Job] = {}  # every accepted, unanswered job, queued or held by a worker
         # Per kind, the clients with queued jobs in round-robin order: dicts, so that joining, leaving
@@ -162,8 +161,7 @@ class Broker(Stoppable):
                 self.restore()
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # readable but not ours: start empty
                 log.warning("ignoring the state in %s (%s: %s)", config.state, type(exc).__name__, exc)
-                self.owners.clear()
-                self.names_per_key.clear()
+                self.identities.clear()
                 self.relayed = {kind: [] for kind in wire.RELAYED}
                 self.model_shape = self.levels = None
         self.started = time.monotonic()
@@ -176,9 +174,7 @@ class Broker(Stoppable):
         """What the last run left in --state: the name registry and the trainer's latest relayed
         versions (with the model they fit), so late workers get weights at once after a restart."""
         assert self.state is not None
-        for name, key in (self.state.read(OWNERS) or {}).items():
-            self.owners[name] = key
-            self.names_per_key[key] = self.names_per_key.get(key, 0) + 1
+        self.identities.restore(self.state.read(OWNERS) or {})
         for kind in wire.RELAYED:
             saved = self.state.read(kind)
             if saved:
@@ -186,7 +182,7 @@ class Broker(Stoppable):
                 self.relayed[kind] = [[zmq.Frame(env), zmq.Frame(blob)] for env, blob in saved["parts"]]
         if self.relayed["weights"]:
             self.relayed_version = wire.decode(self.relayed["weights"][-1][0].bytes, self.limits)["version"]
-        log.info("state from %s: %d client names, relayed weights %s", self.state.folder, len(self.owners),
+        log.info("state from %s: %d client names, relayed weights %s", self.state.folder, len(self.identities.owners),
                  "kept" if self.relayed["weights"] else "none")
 
     def save_relayed(self, kind: str) -> None:
@@ -269,19 +265,20 @@ class Broker(Stoppable):
 
     def on_node_heartbeat(self, route: bytes) -> None:
         """Answer a node's heartbeat; `not_joined` from a connection that never said hello here
-        (e.g. after a broker restart), so that its link says hello and re-sends at once."""
-        name = self.routes.get(route)
-        client = self.clients.get(name) if name is not None else None
-        if client is None:
+        (e.g. after a broker restart), so that its link says hello and re-sends at once. It keeps
+        every name the connection said hello as alive."""
+        clients = [self.clients[name] for name in self.identities.names(route) if name in self.clients]
+        if not clients:
             self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, "this broker does not know this connection: send hello"))
             return
-        client.last_seen = time.monotonic()
-        self.routes.move_to_end(route)
+        now = time.monotonic()
+        for client in clients:
+            client.last_seen = now
         self.reply_node(route, [wire.encode("heartbeat", epoch=self.epoch)])
 
     def on_hello(self, route: bytes, env: dict, key: str) -> None:
         shape = tuple(env["image_shape"])
-        if self.keys is not None and not self.bind_name(env["client"], key):
+        if self.keys is not None and not self.identities.bind(env["client"], key):
             self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, f"client name {env['client']!r} belongs to another key, or this key has bound {self.config.max_names_per_key} names"))
             return
         if self.model_shape is None:
@@ -303,12 +300,7 @@ class Broker(Stoppable):
                 return
             client = self.clients[env["client"]] = ClientState(env["client"], shape, now)  # type: ignore[arg-type]
         client.last_seen, client.t_c = now, env["t_c"]
-        self.routes[route] = client.name
-        self.routes.move_to_end(route)
-        while len(self.routes) > 4 * self.config.max_clients:
-            self.routes.popitem(last=False)  # an evicted live node gets not_joined and says hello again
-        if self.keys is not None:
-            self.limit_connections(key, route)
+        self.identities.welcome(route, client.name, key if self.keys is not None else None)
         self.reply_node(
             route,
             [
@@ -324,30 +316,6 @@ class Broker(Stoppable):
             ],
         )
 
-    def limit_connections(self, key: str, route: bytes) -> None:
-        """One key keeps at most `max_connections_per_key` connections known: beyond, its oldest is
-        forgotten (it is answered `not_joined` and may say hello again), so one key that opens
-        connection after connection evicts only its own, never other keys' nodes."""
-        mine = self.key_routes.setdefault(key, OrderedDict())
-        mine[route] = None
-        mine.move_to_end(route)
-        while len(mine) > self.config.max_connections_per_key:
-            old, _ = mine.popitem(last=False)
-            self.routes.pop(old, None)
-
-    def bind_name(self, name: str, key: str) -> bool:
-        """A client name is the key's that first said hello with it; whether `key` may use it."""
-        owner = self.owners.get(name)
-        if owner is not None:
-            return owner == key
-        if self.names_per_key.get(key, 0) >= self.config.max_names_per_key:
-            return False
-        self.owners[name] = key
-        self.names_per_key[key] = self.names_per_key.get(key, 0) + 1
-        if self.state is not None:
-            self.state.write(OWNERS, self.owners)
-        return True
-
     def max_job_rows(self, kind: str) -> int:
         """The largest job of this kind a live worker can take at once (its full credit); the
         protocol's limit while no such worker is registered."""
@@ -357,14 +325,13 @@ class Broker(Stoppable):
     def on_job(self, route: bytes, env: dict, frames: list[zmq.Frame]) -> None:
         kind, job_id = env["type"], env["job"]
         client = self.clients.get(env["client"])
-        if client is None or route not in self.routes:  # a name nobody said hello with, or a connection that never did
+        if client is None or not self.identities.welcomed(route):  # a name nobody said hello with, or a connection that never did
             self.node_error(route, ProtocolError(ErrorCode.NOT_JOINED, f"send hello as {env['client']!r} on this connection first", job_id))
             return
-        if self.keys is not None and self.owners.get(client.name) != security.user_id(frames[0]):
+        if self.keys is not None and self.identities.owner(client.name) != security.user_id(frames[0]):
             self.node_error(route, ProtocolError(ErrorCode.FORBIDDEN, f"client name {client.name!r} belongs to another key", job_id))
             return
         client.last_seen = time.monotonic()
-        self.routes.move_to_end(route)
         key, sent = (client.name, job_id), digest(frames)
         held = self.jobs.get(key)
         cached = client.replies.get(job_id)
@@ -788,14 +755,7 @@ class Broker(Stoppable):
                 for job_id in list(client.replies):
                     self.forget_reply(name, job_id)
                 del self.clients[name]
-        for route, name in list(self.routes.items()):
-            if name not in self.clients:
-                del self.routes[route]
-        for key, mine in list(self.key_routes.items()):  # connections forgotten above, or by the routes' own cap
-            for route in [r for r in mine if r not in self.routes]:
-                del mine[route]
-            if not mine:
-                del self.key_routes[key]
+        self.identities.forget_names(self.clients)
 
     def heartbeat(self) -> None:
         now = time.monotonic()

@@ -34,7 +34,7 @@ def _worker(broker: Broker, name: str, credit: int) -> WorkerState:
 def _job(broker: Broker, client: str, job_id: str, rows: int, age: float = 0.0) -> Job:
     if client not in broker.clients:
         broker.clients[client] = ClientState(client, SHAPE, time.monotonic())
-        broker.routes[client.encode()] = client
+        broker.identities.welcome(client.encode(), client, None)
     job = Job(client, job_id, "denoise", rows, [zmq.Frame(b"job")], time.monotonic() - age, 0, 1, client.encode())
     broker.jobs[(client, job_id)] = job
     broker.enqueue(job)
