@@ -43,7 +43,7 @@ from collafuse.common.lifecycle import Stoppable
 from collafuse.protocol import security, tensors, wire
 from collafuse.broker.group import TrainerGroup
 from collafuse.broker.identity import Identities
-from collafuse.broker.state import OWNERS, BrokerState
+from collafuse.broker.state import ACKS, OWNERS, BrokerState
 from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
@@ -147,10 +147,14 @@ class Broker(Stoppable):
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
         self.trainer: bytes | None = None  # the trainer whose weights are relayed (the group's rank 0)
-        # The latest optimiser step acknowledged through this broker run; None until the first ack:
-        # a broker (re)started does not know what the trainer acknowledged before.
+        # The latest optimiser step a lone trainer acknowledged (kept in --state); None until the
+        # first ack: a broker started without its state does not know what was acknowledged before.
         self.acked_step: int | None = None
         self.acks_durable = True  # whether the trainer that sent them had a checkpoint
+        # Nor which worker holds those steps: for one heartbeat deadline after it starts (until
+        # `elect_until`) it names no lone trainer, so that every worker that was one can register
+        # and report its step; then the one with the highest step that may train is chosen.
+        self.elect_until = time.monotonic() + config.heartbeat.interval * config.heartbeat.liveness
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
         self.group = TrainerGroup(config.group_settle, config.group_max_failures)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
@@ -175,6 +179,9 @@ class Broker(Stoppable):
         versions (with the model they fit), so late workers get weights at once after a restart."""
         assert self.state is not None
         self.identities.restore(self.state.read(OWNERS) or {})
+        acks = self.state.read(ACKS)
+        if acks:
+            self.acked_step, self.acks_durable = int(acks["step"]), bool(acks["durable"])
         for kind in wire.RELAYED:
             saved = self.state.read(kind)
             if saved:
@@ -444,7 +451,7 @@ class Broker(Stoppable):
                 worker.stats = env["stats"]
             if worker.group and isinstance(worker.stats.get("generation"), str):
                 self.group.formed(route, worker.stats["generation"], time.monotonic())
-            if self.trainer is None and worker.trainer and not worker.group and self.may_train(worker):
+            if self.trainer is None and worker.trainer and not worker.group and not self.electing() and self.may_train(worker):
                 self.trainer = route  # e.g. the trainer back from its checkpoint, which reports its step here
                 log.info("worker %s is the trainer now (at step %s)", worker.name, worker.stats.get("step"))
         elif kind in wire.REPLIES:
@@ -495,7 +502,7 @@ class Broker(Stoppable):
         self.workers[route] = worker
         if worker.group:
             self.group.join(route, worker.group, env["model"], time.monotonic())
-        if worker.trainer and self.trainer is None and (worker.group or self.may_train(worker)):
+        if worker.trainer and self.trainer is None and (worker.group or (not self.electing() and self.may_train(worker))):
             self.trainer = route
         # The latest version's parts, in order, weights first; a group member takes them only now, a
         # trainer only if they are newer than its model (a fresh one then starts from them).
@@ -537,8 +544,11 @@ class Broker(Stoppable):
             return
         worker.completed += 1
         if env["type"] == "ack" and not worker.group:
-            self.acked_step = max(self.acked_step or 0, env["step"])
-            self.acks_durable = bool(worker.stats.get("durable", True))
+            latest = (max(self.acked_step or 0, env["step"]), bool(worker.stats.get("durable", True)))
+            if latest != (self.acked_step, self.acks_durable):
+                self.acked_step, self.acks_durable = latest
+                if self.state is not None:
+                    self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable})
         self.answer(job, frames, failed=env["type"] == "error")
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
@@ -573,16 +583,32 @@ class Broker(Stoppable):
             self.trainer = None if self.group.candidates or worker.group else self.standby()  # a group re-forms instead
 
     def standby(self) -> bytes | None:
-        """The worker that takes over from a trainer that is gone: the first that may (`may_train`).
-        None: train jobs wait until one may (a trainer back from its checkpoint reports its step in
-        its heartbeats), or are answered `unavailable` after `no_worker_wait`. (A trainer group
-        re-forms instead.)"""
+        """The worker that takes over from a trainer that is gone, or is chosen when the election
+        ends: of those that may (`may_train`), the one whose heartbeats report the highest step
+        (the first registered of equals). None: train jobs wait until one may (a trainer back from
+        its checkpoint reports its step in its heartbeats), or are answered `unavailable` after
+        `no_worker_wait`. (A trainer group re-forms instead.)"""
         standbys = [w for w in self.workers.values() if w.trainer and not w.group]
-        chosen = next((w for w in standbys if self.may_train(w)), None)
+        chosen = max((w for w in standbys if self.may_train(w)), key=lambda w: int(w.stats.get("step") or 0), default=None)
         if chosen is None and standbys:
             log.warning("the trainer is gone; no standby holds step %s, the latest acknowledged (relayed: step %d): train jobs wait "
                         "for the trainer to return from its checkpoint", self.acked_step, self.relayed_version)
         return chosen.route if chosen is not None else None
+
+    def electing(self) -> bool:
+        return self.elect_until > 0 and time.monotonic() < self.elect_until
+
+    def elect(self, now: float) -> None:
+        """End the election once its time is up: the lone trainer is the standby with the highest
+        step (none while a trainer group forms instead)."""
+        if not self.elect_until or now < self.elect_until:
+            return
+        self.elect_until = 0
+        if self.trainer is None and not self.group.candidates:
+            self.trainer = self.standby()
+            if self.trainer is not None:
+                worker = self.workers[self.trainer]
+                log.info("worker %s is the trainer (the highest step reported: %s)", worker.name, worker.stats.get("step", 0))
 
     def may_train(self, worker: WorkerState) -> bool:
         """Whether this worker may become the trainer without losing an acknowledged update: its own
@@ -768,6 +794,7 @@ class Broker(Stoppable):
                 self.remove_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
             else:
                 self.backend.send_multipart([worker.route, wire.encode("heartbeat", epoch=self.epoch)])
+        self.elect(now)
         self.enforce_deadlines(now)
         self.expire_idle(now)
         if self.keys is not None:

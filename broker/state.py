@@ -1,11 +1,13 @@
 """The broker's state on disk (`collafuse broker --state DIR`): what a restarted broker needs so
-that a worker joining after the restart gets the trainer's weights at once, and no client name
-changes hands.
+that a worker joining after the restart gets the trainer's weights at once, no client name
+changes hands, and no worker behind the acknowledged steps becomes the trainer.
 
 - `owners.msgpack`: the registry of client identities (client name → the key that first said
   hello with it);
 - `weights.msgpack`, `moments.msgpack`: the trainer's latest relayed version of each, as the
-  parts it came in (envelope and tensor frame), with the image shape and T of the model.
+  parts it came in (envelope and tensor frame), with the image shape and T of the model;
+- `acks.msgpack`: the latest optimiser step a lone trainer acknowledged, and whether its acks
+  were durable (written after the ack is forwarded: a crash just then leaves the step before).
 
 Each file is written whole, fsynced and renamed into place, by one background thread (the latest
 content wins), so the broker's loop never waits for a disk. Queued and in-flight jobs are not
@@ -28,6 +30,7 @@ from collafuse.common.files import replace_durably
 log = logging.getLogger("collafuse.broker")
 
 OWNERS = "owners"
+ACKS = "acks"
 
 
 class BrokerState:

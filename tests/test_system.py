@@ -777,6 +777,48 @@ def test_a_trainer_group_spans_two_hosts(second_host, fleet, tmp_path):
     assert all(torch.equal(weights["far"][k], weights["near"][k]) for k in weights["far"])
 
 
+def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledged_steps(fleet, tmp_path):
+    """A trainer acknowledges 3 steps (none relayed: --sync-every 100) and the broker is SIGKILLed
+    and started again on its ports. The new run does not know who holds those steps, and the
+    standby, at step 0, registers first (the trainer is SIGSTOPped for part of the run's election,
+    one heartbeat deadline): the trainer is chosen all the same, and the next job is step 4.
+    Then, with --state, the broker is killed again and the trainer stopped past the election: the
+    broker remembers step 4, so the standby does not take over; the job waits for the trainer."""
+    slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "8")  # a 4 s election
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100", *slow_hb)
+    ports = (free_port(), free_port())
+    front, back = start_broker(fleet, *slow_hb, ports=ports)
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
+    wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
+    start_worker(fleet, back, front, "s", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+
+    def restart(name: str, *extra: str, stop_trainer_for: float) -> None:
+        os.kill(fleet.procs[name].pid, signal.SIGKILL)
+        fleet.procs.pop(name).wait()
+        os.kill(fleet.procs["t"].pid, signal.SIGSTOP)
+        try:
+            start_broker(fleet, *slow_hb, *extra, ports=ports, name=name + "'")
+            wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["s"], 30, what="the standby registered")
+            time.sleep(stop_trainer_for)
+        finally:
+            os.kill(fleet.procs["t"].pid, signal.SIGCONT)
+        wait_for(lambda: len(_status(front)["workers"]) == 2, 30, what="the trainer registered again")
+        client.hello()
+
+    restart("broker", "--state", str(tmp_path / "state"), stop_trainer_for=1.0)
+    got = client.train_all({"b0"})
+    assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4, got
+    assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["t"]
+    restart("broker'", "--state", str(tmp_path / "state"), stop_trainer_for=6.0)
+    client.train("c0", seed=60)
+    got = client.collect({"c0"}, timeout=60)
+    assert got["c0"][0]["type"] == "ack" and got["c0"][0]["step"] == 5, got
+    assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["t"]
+
+
 def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp_path):
     """A trainer (with its checkpoint) and a standby; the trainer acknowledges 3 steps and relays
     none (--sync-every 100), then dies. The standby would continue from older weights and number
