@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from collafuse.common.config import DiffusionConfig, NodeConfig
+from collafuse.common.config import DiffusionConfig, NodeConfig, ProtocolLimits
 from collafuse.engine.checkpoint import load_checkpoint, load_extra, read_metadata, save_checkpoint
 from collafuse.diffusion import cutnoise
 from collafuse.diffusion.cutnoise import CutNoise, load_secret
@@ -196,6 +196,10 @@ class Join(Stoppable):
         self.config = config
         if not 0 <= config.shard < config.shards:
             raise ValueError(f"shard {config.shard} does not exist among {config.shards}")
+        if config.checkpoint_every + config.window > ProtocolLimits.acks_per_client:
+            raise ValueError(f"--checkpoint-every {config.checkpoint_every} plus --window {config.window} is above the "
+                             f"{ProtocolLimits.acks_per_client} train jobs per client a trainer remembers: after a crash this "
+                             f"node would re-send jobs the trainer may have forgotten, and they would be applied twice")
         self.state = Path(config.state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
         cut_noise = CutNoise(open_secret(config), config.cut_noise) if config.cut.uses_server else None

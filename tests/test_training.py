@@ -138,3 +138,42 @@ def test_one_client_weighs_at_most_its_share_of_a_step():
     manual.optimizer.step()
     for p, q in zip(capped.model.parameters(), manual.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_the_trainers_memory_of_applied_jobs_is_per_client():
+    """A durability attack: 40 acknowledged jobs of one node, then 4,100 of 41 busy nodes (about one
+    checkpoint interval of theirs), then the first node replays after a crash. With one memory of
+    4,096 jobs for all clients its jobs were forgotten and applied twice; per client they are kept.
+    A client's own later jobs push its oldest out (ACKS_PER_CLIENT), the least recently applied
+    client goes whole beyond ACK_CLIENTS, a held ack is never forgotten, and a checkpoint's copy
+    restores the same memory."""
+    from collafuse.worker import training
+    from collafuse.worker.training import ACK_CLIENTS, ACKS_PER_CLIENT, TrainBatcher
+
+    batcher = TrainBatcher(64, 0.0)
+    ack = b"ack"
+    for i in range(40):
+        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack, hold=False)
+    for i in range(4100):
+        batcher.remember({"client": f"busy{i % 41}", "job": f"b{i}"}, ack, hold=False)
+    assert all(batcher.ack_of({"client": "victim", "job": f"v{i:02d}"}) == ack for i in range(40))
+    batcher.remember({"client": "victim", "job": "held"}, ack, hold=True)
+    for i in range(40, 40 + ACKS_PER_CLIENT):
+        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack, hold=False)
+    kept = batcher.applied["victim"]
+    assert "held" in kept and "v00" not in kept and len(kept) == ACKS_PER_CLIENT
+    restored = TrainBatcher(64, 0.0)
+    restored.restore(batcher.applied_tensor())
+    assert {c: dict(j) for c, j in restored.applied.items()} == {c: dict(j) for c, j in batcher.applied.items()}
+    for i in range(ACK_CLIENTS):
+        batcher.remember({"client": f"other{i}", "job": "x"}, ack, hold=False)
+    assert "busy0" not in batcher.applied and "victim" in batcher.applied  # the victim's held ack keeps it
+    assert len(batcher.applied) == ACK_CLIENTS + 1 and batcher.remembered() == ACK_CLIENTS + ACKS_PER_CLIENT
+    assert training.ACKS_PER_CLIENT == 256
+
+
+def test_a_node_refuses_a_replay_longer_than_the_trainer_remembers(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "collafuse.cli.node", "join", "--name", "n", "--cut-ratio", "0.6", "--steps", "1",
+                           "--checkpoint-every", "300", "--state", str(tmp_path / "n"), "--broker", "tcp://127.0.0.1:1", "--insecure",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--checkpoint-every 300 plus --window 4 is above the 256 train jobs" in proc.stderr

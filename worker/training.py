@@ -12,11 +12,16 @@ from collections import OrderedDict
 import msgpack
 import torch
 
+from collafuse.common.config import ProtocolLimits
 from collafuse.diffusion.split import ServerMessage
 
-# How many applied train jobs keep their ack (PROTOCOL.md promises 4096). A job comes again when it
-# was unanswered at a broker's restart, so it is a recent one; the bound keeps memory flat.
-ACKS_REMEMBERED = 4096
+# Applied train jobs whose ack is kept, per client (PROTOCOL.md promises these): a job comes again
+# when a node replays after a crash (at most its --checkpoint-every steps plus its window, which a
+# node keeps within ACKS_PER_CLIENT) or after a broker's restart, so it is one of that client's
+# last. Per client, not in all: other clients' traffic, however heavy, never pushes a client's jobs
+# out. Beyond ACK_CLIENTS clients the least recently applied one is forgotten whole.
+ACKS_PER_CLIENT = ProtocolLimits.acks_per_client
+ACK_CLIENTS = ProtocolLimits.ack_clients
 
 Pending = tuple[dict, ServerMessage]  # a train job's envelope and its rows
 
@@ -36,7 +41,7 @@ class TrainBatcher:
         self.wait = wait
         self.pending: list[Pending] = []  # oldest first
         self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
-        self.applied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (client, job) → its ack, oldest first
+        self.applied: OrderedDict[str, OrderedDict[str, bytes]] = OrderedDict()  # client → job → its ack; least recent first
         self.held: dict[tuple[str, str], tuple[bytes, tuple[dict, ServerMessage | None]]] = {}  # acks that wait (and rows), oldest first
         self.held_since = 0.0
 
@@ -65,7 +70,10 @@ class TrainBatcher:
 
     def ack_of(self, env: dict) -> bytes | None:
         """The ack this job got when it was applied, or None if it was not."""
-        return self.applied.get((env["client"], env["job"]))
+        return self.applied.get(env["client"], {}).get(env["job"])
+
+    def remembered(self) -> int:
+        return sum(len(jobs) for jobs in self.applied.values())
 
     def is_held(self, env: dict) -> bool:
         """Whether this job's ack waits for a checkpoint (it goes out then, to whoever holds the job)."""
@@ -76,13 +84,23 @@ class TrainBatcher:
         `release` (its step is not durable yet), in a trainer group with its rows (`msg`), which go
         back to the pending jobs if the step turns out lost (`reconcile_held`)."""
         key = (env["client"], env["job"])
-        self.applied[key] = ack
-        for old in list(self.applied)[: max(0, len(self.applied) - ACKS_REMEMBERED)]:
-            if old not in self.held:  # a held ack stays until it is sent
-                del self.applied[old]
+        self._remember(*key, ack)
         if hold:
             self.held_since = self.held_since if self.held else time.monotonic()
             self.held[key] = (ack, (env, msg))
+
+    def _remember(self, client: str, job: str, ack: bytes) -> None:
+        jobs = self.applied.setdefault(client, OrderedDict())
+        self.applied.move_to_end(client)
+        jobs[job] = ack
+        jobs.move_to_end(job)
+        if len(jobs) > ACKS_PER_CLIENT:
+            for old in [j for j in jobs if (client, j) not in self.held][: len(jobs) - ACKS_PER_CLIENT]:
+                del jobs[old]  # a held ack stays until it is sent
+        if len(self.applied) > ACK_CLIENTS:
+            for idle in list(self.applied)[: len(self.applied) - ACK_CLIENTS]:
+                if not any(c == idle for c, _ in self.held):
+                    del self.applied[idle]
 
     def commit_due(self, wait: float) -> bool:
         """Whether held acks should be made durable now: unless a full step's rows already wait for
@@ -102,22 +120,22 @@ class TrainBatcher:
         """After taking another rank's state (its `applied`): the held jobs that state did not apply
         (this rank's last step was lost with a peer) wait again to be applied; the others keep the
         ack that state gives them. How many went back."""
-        lost = [key for key in self.held if key not in self.applied]
+        lost = [key for key in self.held if key[1] not in self.applied.get(key[0], {})]
         self.put_back([self.held.pop(key)[1] for key in lost])  # type: ignore[misc]  # a group's held jobs keep their rows
-        for key, (_, job) in self.held.items():
-            self.held[key] = (self.applied[key], job)
+        for (client, job_id), (_, job) in self.held.items():
+            self.held[(client, job_id)] = (self.applied[client][job_id], job)
         return len(lost)
 
     def applied_tensor(self) -> torch.Tensor:
         """The remembered acks as a checkpoint's tensor (uint8 bytes of msgpack: [[client, job, ack], ...])."""
-        blob = msgpack.packb([[client, job, ack] for (client, job), ack in self.applied.items()], use_bin_type=True)
+        blob = msgpack.packb([[client, job, ack] for client, jobs in self.applied.items() for job, ack in jobs.items()], use_bin_type=True)
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
     def restore(self, saved: torch.Tensor) -> None:
         """The remembered acks from `applied_tensor`'s output, in place of the current ones."""
         self.applied.clear()
         for client, job, ack in msgpack.unpackb(saved.numpy().tobytes(), raw=False):
-            self.applied[(client, job)] = ack
+            self._remember(client, job, ack)
 
     def put_back(self, jobs: list[Pending]) -> None:
         """Jobs taken for a step that was not taken (a trainer group's collective failed): first again."""

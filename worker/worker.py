@@ -105,7 +105,7 @@ class Worker(Stoppable):
             if applied is not None:
                 self.batcher.restore(applied)
             log.info("resumed the server model from %s at step %d (%d applied jobs remembered)", config.checkpoint, self.party.step,
-                     len(self.batcher.applied))
+                     self.batcher.remembered())
         elif config.trainer and not config.checkpoint:
             log.warning("no --checkpoint: this worker's acknowledgements are not durable (a trainer that dies loses acknowledged updates)%s",
                         "; in a trainer group of two or more they are: every rank holds every step" if config.group else "")
