@@ -108,13 +108,17 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
     every image it has seen; that choice is left to whoever starts a new state folder."""
     path, record = Path(path), views_path(path)
     wanted = json.loads(json.dumps(views)) if views is not None else None  # as the record reads back (tuples → lists)
+    unwritten = path.exists() and path.stat().st_size == 0  # created, then killed before it was written: never used
+    if unwritten:
+        path.unlink()
     if not path.exists():
         if not create:
             raise FileNotFoundError(f"no node secret at {path}")
-        if record.exists():
-            raise ValueError(f"{record} records a node secret that was used here but {path} is gone; a new secret would give the "
-                             f"server a second, independent view of every image it has seen. Restore the secret, or start over "
-                             f"in a new state folder knowing that")
+        if record.exists() and not unwritten:
+            raise ValueError(f"{record} records a node secret that was made here but {path} is gone; if it sent anything, a new "
+                             f"secret would give the server a second, independent view of every image it has seen. Restore the "
+                             f"secret, or start over in a new state folder knowing that (if the node was killed during its very "
+                             f"first start, nothing was sent)")
         path.parent.mkdir(parents=True, exist_ok=True)
         if wanted is not None:
             _write_record(record, wanted)

@@ -152,6 +152,9 @@ def test_a_secret_is_bound_to_the_views_it_made_and_refuses_others(tmp_path):
     with pytest.raises(ValueError, match="second, independent view"):
         load_secret(path, bound)
     assert not path.exists()
+    path.touch(mode=0o600)  # killed between creating the file and writing it: never read, so never used
+    made = load_secret(path, bound)
+    assert len(made) == 32 and made != first and load_secret(path, bound) == made
     legacy = tmp_path / "legacy.key"
     load_secret(legacy)  # made without views: nothing says what it was used for
     with pytest.raises(ValueError, match="no record"):
