@@ -151,10 +151,11 @@ class Broker(Stoppable):
         # first ack: a broker started without its state does not know what was acknowledged before.
         self.acked_step: int | None = None
         self.acks_durable = True  # whether the trainer that sent them had a checkpoint
-        # Nor which worker holds those steps: for one heartbeat deadline after it starts (until
+        # Nor which worker holds those steps: for `elect_trainer_for` after it starts (until
         # `elect_until`) it names no lone trainer, so that every worker that was one can register
         # and report its step; then the one with the highest step that may train is chosen.
-        self.elect_until = time.monotonic() + config.heartbeat.interval * config.heartbeat.liveness
+        self.elect_until = time.monotonic() + config.elect_trainer_for
+        self.acked_by = ""  # the worker name that sent the latest ack (kept in --state): the election ends when it is back
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
         self.group = TrainerGroup(config.group_settle, config.group_max_failures)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
@@ -181,7 +182,7 @@ class Broker(Stoppable):
         self.identities.restore(self.state.read(OWNERS) or {})
         acks = self.state.read(ACKS)
         if acks:
-            self.acked_step, self.acks_durable = int(acks["step"]), bool(acks["durable"])
+            self.acked_step, self.acks_durable, self.acked_by = int(acks["step"]), bool(acks["durable"]), str(acks.get("by", ""))
         for kind in wire.RELAYED:
             saved = self.state.read(kind)
             if saved:
@@ -544,11 +545,11 @@ class Broker(Stoppable):
             return
         worker.completed += 1
         if env["type"] == "ack" and not worker.group:
-            latest = (max(self.acked_step or 0, env["step"]), bool(worker.stats.get("durable", True)))
-            if latest != (self.acked_step, self.acks_durable):
-                self.acked_step, self.acks_durable = latest
+            latest = (max(self.acked_step or 0, env["step"]), bool(worker.stats.get("durable", True)), worker.name)
+            if latest != (self.acked_step, self.acks_durable, self.acked_by):
+                self.acked_step, self.acks_durable, self.acked_by = latest
                 if self.state is not None:
-                    self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable})
+                    self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable, "by": self.acked_by})
         self.answer(job, frames, failed=env["type"] == "error")
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
@@ -596,12 +597,19 @@ class Broker(Stoppable):
         return chosen.route if chosen is not None else None
 
     def electing(self) -> bool:
-        return self.elect_until > 0 and time.monotonic() < self.elect_until
+        """Until `elect` has chosen (not merely until its time is up: a worker heard first then
+        must not take the place the election gives the highest step)."""
+        return self.elect_until > 0
 
     def elect(self, now: float) -> None:
-        """End the election once its time is up: the lone trainer is the standby with the highest
-        step (none while a trainer group forms instead)."""
-        if not self.elect_until or now < self.elect_until:
+        """End the election once its time is up, or once the worker that sent the latest ack
+        (known from --state) is back and reports a step that may train: the lone trainer is the
+        standby with the highest step (none while a trainer group forms instead)."""
+        if not self.elect_until:
+            return
+        back = any(w.name == self.acked_by and "step" in w.stats and w.trainer and not w.group and self.may_train(w)
+                   for w in self.workers.values()) if self.acked_by else False
+        if now < self.elect_until and not back:
             return
         self.elect_until = 0
         if self.trainer is None and not self.group.candidates:

@@ -6,8 +6,9 @@ changes hands, and no worker behind the acknowledged steps becomes the trainer.
   hello with it);
 - `weights.msgpack`, `moments.msgpack`: the trainer's latest relayed version of each, as the
   parts it came in (envelope and tensor frame), with the image shape and T of the model;
-- `acks.msgpack`: the latest optimiser step a lone trainer acknowledged, and whether its acks
-  were durable (written after the ack is forwarded: a crash just then leaves the step before).
+- `acks.msgpack`: the latest optimiser step a lone trainer acknowledged, whether its acks were
+  durable, and the trainer's name (written after the ack is forwarded: a crash just then leaves
+  the step before).
 
 Each file is written whole, fsynced and renamed into place, by one background thread (the latest
 content wins), so the broker's loop never waits for a disk. Queued and in-flight jobs are not

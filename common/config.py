@@ -196,6 +196,10 @@ class BrokerConfig:
     # A queued job larger than any worker's free credit lets smaller jobs pass it for this long;
     # then the worker closest to holding it takes no job of its kind until it fits (no starvation).
     reserve_after: float = 5.0
+    # Seconds after start before a lone trainer is named: a (re)started broker does not know which
+    # worker holds the acknowledged steps, so every worker that was one registers and reports its step
+    # meanwhile, and the highest wins (train jobs wait). As long as a worker restart takes to reach it.
+    elect_trainer_for: float = 10.0
     group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
     group_max_failures: int = 3  # failed generations in a row after which a trainer that never formed one is a suspect (broker/group.py)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)

@@ -38,7 +38,7 @@ def start_broker(fleet: Fleet, *extra: str, name: str = "broker", ports=None, ho
     fp, bp = ports or (free_port(), free_port())
     front, back = f"tcp://{host}:{fp}", f"tcp://{host}:{bp}"
     KEYRINGS[front] = KEYRINGS[back] = ring = Keyring(fleet.logs.parent / "keys")
-    fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *ring.broker_args(), *FAST_HB, *extra))
+    fleet.start(name, cli("broker", "--frontend", front, "--backend", back, *ring.broker_args(), *FAST_HB, "--elect-trainer-for", "1", *extra))
     wait_for(lambda: _status(front) is not None, 30, what="broker")
     return front, back
 
@@ -784,10 +784,10 @@ def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledg
     one heartbeat deadline): the trainer is chosen all the same, and the next job is step 4.
     Then, with --state, the broker is killed again and the trainer stopped past the election: the
     broker remembers step 4, so the standby does not take over; the job waits for the trainer."""
-    slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "8")  # a 4 s election
+    slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "8")
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100", *slow_hb)
     ports = (free_port(), free_port())
-    front, back = start_broker(fleet, *slow_hb, ports=ports)
+    front, back = start_broker(fleet, *slow_hb, "--elect-trainer-for", "4", ports=ports)
     start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
     wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
     start_worker(fleet, back, front, "s", *flags)
@@ -800,7 +800,7 @@ def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledg
         fleet.procs.pop(name).wait()
         os.kill(fleet.procs["t"].pid, signal.SIGSTOP)
         try:
-            start_broker(fleet, *slow_hb, *extra, ports=ports, name=name + "'")
+            start_broker(fleet, *slow_hb, "--elect-trainer-for", "4", *extra, ports=ports, name=name + "'")
             wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["s"], 30, what="the standby registered")
             time.sleep(stop_trainer_for)
         finally:

@@ -325,10 +325,11 @@ def _proxy_echo_process(bp: int, keys: str) -> None:
 
 def _broker_process(fp: int, bp: int, keys: str) -> None:
     from collafuse.broker.broker import Broker
-    from collafuse.common.config import BrokerConfig
+    from collafuse.common.config import BrokerConfig, HeartbeatConfig
 
     Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{fp}", backend=f"tcp://127.0.0.1:{bp}", max_queue_per_client=10**6,
-                        max_names_per_key=10**6, keys=f"{keys}/broker" if keys else "")).run()
+                        max_names_per_key=10**6, keys=f"{keys}/broker" if keys else "",
+                        heartbeat=HeartbeatConfig(interval=0.2, liveness=5), elect_trainer_for=1.0)).run()
 
 
 def _echo_worker_process(bp: int, keys: str, credit: int) -> None:
@@ -349,6 +350,8 @@ def _echo_worker_process(bp: int, keys: str, credit: int) -> None:
         env = wire.decode(frames[0].buffer, limits)
         if env["type"] == "train":
             s.send(wire.encode("ack", job=env["job"], client=env["client"], step=0, loss=0.0))
+        elif env["type"] == "heartbeat":  # alive, and at step 0, so the broker names it the trainer after its election
+            s.send(wire.encode("heartbeat", stats={"step": 0}))
 
 
 @app.command()
