@@ -48,7 +48,7 @@ def join(
     share_clean_images: bool = typer.Option(
         NodeConfig.share_clean_images, "--share-clean-images",
         help="Allow a cut of t_c = 0 (no local levels), which sends the server the clean images; refused without it."),
-    checkpoint_every: int = typer.Option(NodeConfig.checkpoint_every, "--checkpoint-every", min=1, help="Steps between local checkpoints."),
+    checkpoint_every: int = typer.Option(NodeConfig.checkpoint_every, "--checkpoint-every", min=1, help="Steps between local checkpoints; plus --window at most 256, the train jobs per client a trainer remembers (after a crash the node re-sends up to that many)."),
     seed: int = typer.Option(NodeConfig.seed, "--seed", help="Seed for the data shards and this node's training."),
 ) -> None:
     """Train the local model on levels 1..t_c and stream server-training messages to the broker."""
