@@ -483,6 +483,8 @@ class Broker(Stoppable):
             return
         group = env.get("group", "") if env["trainer"] else ""
         lone = self.workers.get(self.trainer) if self.trainer is not None else None
+        if lone is None and self.electing():  # the election will name one of these
+            lone = next((w for w in self.workers.values() if w.trainer and not w.group), None)
         if group and lone is not None and not lone.group and lone.route != route:
             problem: str | None = (f"a lone trainer ({lone.name}) trains here; stop it before starting a trainer group (its checkpoint, "
                                    f"given to a group member as --checkpoint, carries its steps over)")
