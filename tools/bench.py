@@ -500,11 +500,15 @@ def cutnoise(sizes: str = "32,64,128", batch: int = 32, model: str = "tiny", rep
 
 
 @app.command()
-def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: Path = Path("/tmp/collafuse-bench-recovery")) -> None:
+def recovery(before: float = 15.0, down: float = 1.0, after: float = 15.0, state: bool = True,
+             logs: Path = Path("/tmp/collafuse-bench-recovery")) -> None:
     """What a broker restart costs its clients: a training node (one train job in flight at a time)
     and a generating client (one denoise job at a time) keep working through a SIGKILL of the
     broker and its restart `down` seconds later on the same ports; for each, the gap between the
-    last reply before the kill and the first after, and the replies lost (must be 0)."""
+    last reply before the kill and the first after, and the replies lost (must be 0). With `state`
+    (as `up` and `demo` run) the broker and the trainer keep theirs, and the restarted broker names
+    the trainer as soon as the worker that sent the last ack is back; without, after its whole
+    trainer election. `before` covers the first start's election (10 s)."""
     import os
     import signal
 
@@ -518,7 +522,8 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
     fleet, keyring = Fleet(logs / "logs"), Keyring(logs / "keys")
     rng = np.random.default_rng(0)
     try:
-        front, back = start_server_side(fleet, 1, ["--device", "cpu", "--max-train-rows", "4", "--train-wait", "0"], None, keyring)
+        folder = logs / "state" if state else None
+        front, back = start_server_side(fleet, 1, ["--device", "cpu", "--max-train-rows", "4", "--train-wait", "0"], folder, keyring)
         links = {name: _probe_link(front, keyring, name) for name in ("trainer", "waiter")}
         replies: dict[str, list[float]] = {name: [] for name in links}
         sent = dict.fromkeys(links, 0)
@@ -549,14 +554,15 @@ def recovery(before: float = 3.0, down: float = 1.0, after: float = 10.0, logs: 
         os.kill(fleet.procs["broker"].pid, signal.SIGKILL)
         fleet.procs.pop("broker").wait()
         time.sleep(down)
-        fleet.start("broker-again", cli("broker", "--frontend", front, "--backend", back, *keyring.broker_args()))
+        fleet.start("broker-again", cli("broker", "--frontend", front, "--backend", back, *keyring.broker_args(),
+                                        *(["--state", str(folder / "broker")] if folder else [])))
         restarted = time.monotonic()
         work(after)
         end = time.monotonic() + 30  # the jobs still in flight get their answers; none may be missing
         while any(link.outstanding for link in links.values()) and time.monotonic() < end:
             for name, link in links.items():
                 replies[name] += [time.monotonic() for r in link.poll(0.05) if r.env["type"] != "error"]
-        out: dict = {"what": "broker_restart_recovery", "down_s": round(restarted - killed, 2)}
+        out: dict = {"what": "broker_restart_recovery", "state": state, "down_s": round(restarted - killed, 2)}
         for name, times in replies.items():
             last = max(t for t in times if t < killed)
             first = min(t for t in times if t > killed)
