@@ -819,6 +819,25 @@ def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledg
     assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["t"]
 
 
+def test_a_trainer_that_stops_cleanly_relays_its_last_steps_and_the_standby_takes_over(fleet, tmp_path):
+    """A trainer acknowledges 3 steps and relays none (--sync-every 100), then is stopped (SIGTERM):
+    it checkpoints, relays steps 1-3 and says bye, so the standby holds every acknowledged step and
+    takes over at once: the next job is step 4 (before, the standby could not, and train jobs
+    waited for the trainer to come back or `no_worker_wait`)."""
+    front, back = start_broker(fleet)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
+    wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
+    start_worker(fleet, back, front, "standby", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    assert fleet.stop("t") == 0
+    got = client.train_all({"b0"}, timeout=30)
+    assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4, got
+    assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["standby"]
+
+
 def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp_path):
     """A trainer (with its checkpoint) and a standby; the trainer acknowledges 3 steps and relays
     none (--sync-every 100), then dies. The standby would continue from older weights and number

@@ -50,6 +50,7 @@ class WeightRelay:
         # The weights travel in parts that each fit a frame; fixed by the model, so checked at start.
         self.weight_parts = [list(group) for group in tensors.split(self._state_arrays(), max_frame_bytes)]
         self.incoming: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # relayed kind → (version, parts so far)
+        self.published = -1  # the version this worker last published
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
@@ -58,6 +59,7 @@ class WeightRelay:
     def publish(self) -> None:
         """The model's state as `weights` parts, then the optimiser's as `moments` parts (for
         workers that may take over training); the broker relays them in order."""
+        self.published = self.party.step
         state = self._state_arrays()
         self._publish("weights", [{k: state[k] for k in names} for names in self.weight_parts])
         moments = {k: v.float().numpy() for k, v in flatten_optimizer(self.party.optimizer)[0].items()}

@@ -56,6 +56,7 @@ IDLE_POLLS_PER_HEARTBEAT = 2  # an idle loop wakes this often per heartbeat inte
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GROUP_IDLE_POLL_MS = 20  # an idle rank of a trainer group: its peers wait this long at most for it to agree on a step
 BYE_LINGER_MS = 1000  # how long the closing socket may take to deliver `bye`
+FINAL_RELAY_LINGER_MS = 10000  # ... and a lone trainer's last relay before it
 
 
 @dataclass
@@ -467,7 +468,8 @@ class Worker(Stoppable):
     def shutdown(self) -> None:
         """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once). A rank
         of a trainer group applies nothing alone: the broker gives its jobs to the other ranks,
-        which hold every step this rank took."""
+        which hold every step this rank took. A lone trainer then relays the steps it took since its
+        last relay (they are in its checkpoint first), so that a standby may take over at once."""
         while self.batcher.pending and (self.group is None or self.group.world == 1):
             self.apply(self.batcher.take(flush=True), self.group.collective if self.group is not None else None)
         if self.group is not None and self.group.world == 1 and not self.config.checkpoint:
@@ -478,6 +480,9 @@ class Worker(Stoppable):
         if self.config.energy_report:
             Path(self.config.energy_report).write_text(json.dumps({**report, "stats": asdict(self.stats)}, indent=2))
         if self.sock is not None:
+            final_relay = self.group is None and self.stats.train_steps > 0 and self.party.step != self.relay.published
+            if final_relay:
+                self.relay.publish()
             self.send(wire.encode("bye"))
-            self.sock.close(linger=BYE_LINGER_MS)
+            self.sock.close(linger=FINAL_RELAY_LINGER_MS if final_relay else BYE_LINGER_MS)
             self.sock = None
