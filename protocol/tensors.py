@@ -81,6 +81,8 @@ def read_header(blob: memoryview | bytes, max_bytes: int) -> tuple[dict, int]:
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ProtocolError(ErrorCode.BAD_TENSOR, "tensor header's __metadata__ is not a map of strings to strings")
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]

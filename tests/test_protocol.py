@@ -104,6 +104,9 @@ def _header_blob(header: dict, data: bytes = b"") -> bytes:
         (_header_blob({"x": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
         (_header_blob({"x": [1, 2, 3]}), ErrorCode.BAD_TENSOR),
         (_header_blob({"x": {"dtype": "F32", "shape": [1], "data_offsets": {"a": 0, "b": 4}}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
+        # safetensors' __metadata__ is a map of strings to strings
+        (_header_blob({"__metadata__": [1, 2], "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
+        (_header_blob({"__metadata__": {"k": {"deep": 1}}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ErrorCode.BAD_TENSOR),
     ],
 )
 def test_bad_tensor_frames_get_codes(blob, code):
