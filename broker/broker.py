@@ -111,6 +111,12 @@ class WorkerState:
         return not self.group and (relayed == "weights" or self.trainer)
 
 
+def reported_step(worker: WorkerState) -> int:
+    """The optimiser step a worker's heartbeats report (0 until one does, or if it is not a count)."""
+    step = worker.stats.get("step")
+    return step if type(step) is int and step >= 0 else 0
+
+
 class Broker(Stoppable):
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
@@ -484,7 +490,7 @@ class Broker(Stoppable):
         group = env.get("group", "") if env["trainer"] else ""
         lone = self.workers.get(self.trainer) if self.trainer is not None else None
         if lone is None and self.electing():  # the election will name one of these
-            lone = next((w for w in self.workers.values() if w.trainer and not w.group), None)
+            lone = next((w for w in self.workers.values() if w.trainer and not w.group and self.may_train(w)), None)
         if group and lone is not None and not lone.group and lone.route != route:
             problem: str | None = (f"a lone trainer ({lone.name}) trains here; stop it before starting a trainer group (its checkpoint, "
                                    f"given to a group member as --checkpoint, carries its steps over)")
@@ -546,13 +552,22 @@ class Broker(Stoppable):
             self.fail(job, ErrorCode.INTERNAL, f"the worker's reply was invalid ({problem})")
             return
         worker.completed += 1
-        if env["type"] == "ack" and not worker.group:
-            latest = (max(self.acked_step or 0, env["step"]), bool(worker.stats.get("durable", True)), worker.name)
-            if latest != (self.acked_step, self.acks_durable, self.acked_by):
-                self.acked_step, self.acks_durable, self.acked_by = latest
-                if self.state is not None:
-                    self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable, "by": self.acked_by})
+        if env["type"] == "ack":
+            self.note_ack(worker, env["step"])
         self.answer(job, frames, failed=env["type"] == "error")
+
+    def note_ack(self, worker: WorkerState, step: int) -> None:
+        """The latest acknowledged step, whether it is durable, and who acknowledged it (kept in
+        --state). Acks that were not durable were never promises: a durable trainer after them
+        starts the count from its own step. A trainer group's acks are durable once two ranks hold
+        them; they name no one (no single rank's return may end an election)."""
+        durable = bool(worker.stats.get("durable", True)) or (bool(worker.group) and len(self.group.current.members) >= 2)
+        previous = self.acked_step if self.acked_step is not None and self.acks_durable else 0
+        latest = (max(previous, step), durable, "" if worker.group else worker.name)
+        if latest != (self.acked_step, self.acks_durable, self.acked_by):
+            self.acked_step, self.acks_durable, self.acked_by = latest
+            if self.state is not None:
+                self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable, "by": self.acked_by})
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
         """Why a worker's reply cannot be this job's answer (None: it can)."""
@@ -592,7 +607,7 @@ class Broker(Stoppable):
         its checkpoint reports its step in its heartbeats), or are answered `unavailable` after
         `no_worker_wait`. (A trainer group re-forms instead.)"""
         standbys = [w for w in self.workers.values() if w.trainer and not w.group]
-        chosen = max((w for w in standbys if self.may_train(w)), key=lambda w: int(w.stats.get("step") or 0), default=None)
+        chosen = max((w for w in standbys if self.may_train(w)), key=reported_step, default=None)
         if chosen is None and standbys:
             log.warning("the trainer is gone; no standby holds step %s, the latest acknowledged (relayed: step %d): train jobs wait "
                         "for the trainer to return from its checkpoint", self.acked_step, self.relayed_version)
@@ -605,11 +620,12 @@ class Broker(Stoppable):
 
     def elect(self, now: float) -> None:
         """End the election once its time is up, or once the worker that sent the latest ack
-        (known from --state) is back and reports a step that may train: the lone trainer is the
-        standby with the highest step (none while a trainer group forms instead)."""
+        (known from --state) is back and its own model holds that step (a name alone proves
+        nothing: names need not be unique): the lone trainer is the standby with the highest step
+        (none while a trainer group forms instead)."""
         if not self.elect_until:
             return
-        back = any(w.name == self.acked_by and "step" in w.stats and w.trainer and not w.group and self.may_train(w)
+        back = any(w.name == self.acked_by and w.trainer and not w.group and "step" in w.stats and reported_step(w) >= (self.acked_step or 0)
                    for w in self.workers.values()) if self.acked_by else False
         if now < self.elect_until and not back:
             return
@@ -623,12 +639,12 @@ class Broker(Stoppable):
     def may_train(self, worker: WorkerState) -> bool:
         """Whether this worker may become the trainer without losing an acknowledged update: its own
         model (the step its heartbeats report) or the latest relay, which it loads when newer,
-        holds the latest step acknowledged through this broker run. Acks of a trainer without a
+        holds the latest step acknowledged (in this broker run, or with --state before it). Acks of a trainer without a
         checkpoint were never promises (it says so at start; its heartbeats say `durable` false),
         and a broker run that has seen no ack knows of none, so then any worker may."""
         if self.acked_step is None or not self.acks_durable:
             return True
-        return max(int(worker.stats.get("step") or 0), self.relayed_version) >= self.acked_step
+        return max(reported_step(worker), self.relayed_version) >= self.acked_step
 
     def requeue(self, worker: WorkerState, *kinds: str) -> None:
         """The jobs this worker holds (of these kinds; all without) back to the front of their queues, in their order."""

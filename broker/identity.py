@@ -24,6 +24,7 @@ class Identities:
         self.owners: dict[str, str] = {}  # client name → the key (z85) that first said hello with it
         self.names_per_key: dict[str, int] = {}
         self.routes: OrderedDict[bytes, dict[str, None]] = OrderedDict()  # connection → the names it said hello as
+        self.entries = 0  # (connection, name) pairs in `routes`, capped: what a heartbeat tick walks
         self.key_routes: dict[str, OrderedDict[bytes, None]] = {}  # node key → its connections in `routes`
 
     def restore(self, owners: dict[str, str]) -> None:
@@ -53,20 +54,26 @@ class Identities:
 
     def welcome(self, route: bytes, name: str, key: str | None) -> None:
         """This connection said hello as `name` (with this key, when keys are in use). Beyond
-        4 × max_clients connections the least recently used is forgotten, and beyond
-        `max_connections_per_key` of one key that key's own oldest: a forgotten live node is
-        answered `not_joined` and says hello again."""
-        self.routes.setdefault(route, {})[name] = None
+        4 × max_clients (connection, name) pairs the least recently used connection is forgotten,
+        and beyond `max_connections_per_key` of one key that key's own oldest: a forgotten live
+        node is answered `not_joined` and says hello again."""
+        names = self.routes.setdefault(route, {})
+        if name not in names:
+            names[name] = None
+            self.entries += 1
         self.routes.move_to_end(route)
-        while len(self.routes) > 4 * self.config.max_clients:
-            self.routes.popitem(last=False)
+        while self.entries > 4 * self.config.max_clients:
+            self.drop(next(iter(self.routes)))
         if key is not None:
             mine = self.key_routes.setdefault(key, OrderedDict())
             mine[route] = None
             mine.move_to_end(route)
             while len(mine) > self.config.max_connections_per_key:
                 old, _ = mine.popitem(last=False)
-                self.routes.pop(old, None)
+                self.drop(old)
+
+    def drop(self, route: bytes) -> None:
+        self.entries -= len(self.routes.pop(route, {}))
 
     def welcomed(self, route: bytes) -> bool:
         """Whether this connection said hello (as any name); it counts as used."""
@@ -89,6 +96,7 @@ class Identities:
         for route, names in list(self.routes.items()):
             for name in [n for n in names if n not in known]:
                 del names[name]
+                self.entries -= 1
             if not names:
                 del self.routes[route]
         for key, mine in list(self.key_routes.items()):  # connections forgotten above, or by the caps

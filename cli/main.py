@@ -93,6 +93,9 @@ def broker(
 ) -> None:
     """Route jobs from nodes to workers: fair queues, credit-based dispatch, heartbeats, one final
     reply per accepted job within the bounds set below. No torch."""
+    if elect_trainer_for >= no_worker_wait:
+        fail(f"--elect-trainer-for {elect_trainer_for:g} s must be below --no-worker-wait {no_worker_wait:g} s, or train jobs "
+             f"sent during the election are answered unavailable")
     import zmq
 
     from collafuse.broker.broker import Broker

@@ -53,3 +53,18 @@ def test_a_connection_stays_welcomed_while_any_of_its_names_is_known():
     broker.expire_idle(time.monotonic() + 60)
     assert not broker.clients and not broker.identities.welcomed(b"conn")
     broker.close()
+
+
+def test_the_names_connections_said_hello_as_are_capped_in_all():
+    """Without keys one connection may say hello as many names and many connections as one name:
+    the pairs kept (what every heartbeat tick walks) stay within 4 × max_clients, the least
+    recently used connection forgotten first."""
+    ids = Identities(BrokerConfig(max_clients=4), None)
+    for i in range(40):
+        ids.welcome(b"many", f"n{i}", None)
+    assert ids.entries == sum(len(n) for n in ids.routes.values()) <= 16
+    for i in range(20):
+        ids.welcome(f"c{i}".encode(), "n0", None)
+    assert ids.entries == sum(len(n) for n in ids.routes.values()) <= 16 and ids.welcomed(b"c19") and not ids.welcomed(b"many")
+    ids.forget_names({"n1"})
+    assert ids.entries == 0 and not ids.routes
