@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import msgpack
 import torch
 from safetensors import safe_open
 
@@ -140,36 +141,44 @@ def test_one_client_weighs_at_most_its_share_of_a_step():
         assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_the_trainers_memory_of_applied_jobs_is_per_client():
+def test_the_trainers_memory_of_applied_jobs_is_per_client(monkeypatch):
     """A durability attack: 40 acknowledged jobs of one node, then 4,100 of 41 busy nodes (about one
     checkpoint interval of theirs), then the first node replays after a crash. With one memory of
-    4,096 jobs for all clients its jobs were forgotten and applied twice; per client they are kept.
-    A client's own later jobs push its oldest out (ACKS_PER_CLIENT), the least recently applied
-    client goes whole beyond ACK_CLIENTS, a held ack is never forgotten, and a checkpoint's copy
-    restores the same memory."""
+    4,096 jobs for all clients its jobs were forgotten and applied twice; per client they are kept,
+    with the same ack. A client's own later jobs push its oldest out (ACKS_PER_CLIENT); beyond
+    ACKS_TOTAL whole clients go, least recently applied first, never one with a held ack; a
+    checkpoint's copy restores the same memory, also from the older format that kept the acks."""
+    from collafuse.protocol import wire
     from collafuse.worker import training
-    from collafuse.worker.training import ACK_CLIENTS, ACKS_PER_CLIENT, TrainBatcher
+    from collafuse.worker.training import ACKS_PER_CLIENT, TrainBatcher
+
+    def ack(client, job, step=1):
+        return wire.encode("ack", job=job, client=client, step=step, loss=0.25)
 
     batcher = TrainBatcher(64, 0.0)
-    ack = b"ack"
     for i in range(40):
-        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack, hold=False)
+        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack("victim", f"v{i:02d}", i), hold=False)
     for i in range(4100):
-        batcher.remember({"client": f"busy{i % 41}", "job": f"b{i}"}, ack, hold=False)
-    assert all(batcher.ack_of({"client": "victim", "job": f"v{i:02d}"}) == ack for i in range(40))
-    batcher.remember({"client": "victim", "job": "held"}, ack, hold=True)
+        batcher.remember({"client": f"busy{i % 41}", "job": f"b{i}"}, ack(f"busy{i % 41}", f"b{i}"), hold=False)
+    assert all(batcher.ack_of({"client": "victim", "job": f"v{i:02d}"}) == ack("victim", f"v{i:02d}", i) for i in range(40))
+    batcher.remember({"client": "victim", "job": "held"}, ack("victim", "held"), hold=True)
     for i in range(40, 40 + ACKS_PER_CLIENT):
-        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack, hold=False)
+        batcher.remember({"client": "victim", "job": f"v{i:02d}"}, ack("victim", f"v{i:02d}"), hold=False)
     kept = batcher.applied["victim"]
     assert "held" in kept and "v00" not in kept and len(kept) == ACKS_PER_CLIENT
+    assert batcher.total == sum(len(j) for j in batcher.applied.values())
     restored = TrainBatcher(64, 0.0)
     restored.restore(batcher.applied_tensor())
-    assert {c: dict(j) for c, j in restored.applied.items()} == {c: dict(j) for c, j in batcher.applied.items()}
-    for i in range(ACK_CLIENTS):
-        batcher.remember({"client": f"other{i}", "job": "x"}, ack, hold=False)
-    assert "busy0" not in batcher.applied and "victim" in batcher.applied  # the victim's held ack keeps it
-    assert len(batcher.applied) == ACK_CLIENTS + 1 and batcher.remembered() == ACK_CLIENTS + ACKS_PER_CLIENT
-    assert training.ACKS_PER_CLIENT == 256
+    assert restored.applied == batcher.applied and restored.total == batcher.total
+    old_format = msgpack.packb([[c, j, ack(c, j, s)] for c, jobs in batcher.applied.items() for j, (s, _) in jobs.items()], use_bin_type=True)
+    older = TrainBatcher(64, 0.0)
+    older.restore(torch.frombuffer(bytearray(old_format), dtype=torch.uint8))
+    assert older.applied == batcher.applied
+    monkeypatch.setattr(training, "ACKS_TOTAL", 1000)
+    for i in range(100):
+        batcher.remember({"client": f"other{i}", "job": "x"}, ack(f"other{i}", "x"), hold=False)
+    assert batcher.total <= 1000 and "busy0" not in batcher.applied and "victim" in batcher.applied and "other99" in batcher.applied
+    assert batcher.total == sum(len(j) for j in batcher.applied.values())
 
 
 def test_a_node_refuses_a_replay_longer_than_the_trainer_remembers(tmp_path):

@@ -14,14 +14,15 @@ import torch
 
 from collafuse.common.config import ProtocolLimits
 from collafuse.diffusion.split import ServerMessage
+from collafuse.protocol import wire
 
 # Applied train jobs whose ack is kept, per client (PROTOCOL.md promises these): a job comes again
 # when a node replays after a crash (at most its --checkpoint-every steps plus its window, which a
 # node keeps within ACKS_PER_CLIENT) or after a broker's restart, so it is one of that client's
-# last. Per client, not in all: other clients' traffic, however heavy, never pushes a client's jobs
-# out. Beyond ACK_CLIENTS clients the least recently applied one is forgotten whole.
+# last. Per client, so that other clients' traffic does not push a client's jobs out while the
+# total stays below ACKS_TOTAL; beyond it, whole clients go, the least recently applied first.
 ACKS_PER_CLIENT = ProtocolLimits.acks_per_client
-ACK_CLIENTS = ProtocolLimits.ack_clients
+ACKS_TOTAL = ProtocolLimits.acks_total
 
 Pending = tuple[dict, ServerMessage]  # a train job's envelope and its rows
 
@@ -41,7 +42,9 @@ class TrainBatcher:
         self.wait = wait
         self.pending: list[Pending] = []  # oldest first
         self.pending_since = 0.0  # when the oldest waiting job came, or the last step ended
-        self.applied: OrderedDict[str, OrderedDict[str, bytes]] = OrderedDict()  # client → job → its ack; least recent first
+        # client → job → its ack's (step, loss), least recently applied client first, each oldest first
+        self.applied: OrderedDict[str, OrderedDict[str, tuple[int, float]]] = OrderedDict()
+        self.total = 0  # jobs remembered in `applied`
         self.held: dict[tuple[str, str], tuple[bytes, tuple[dict, ServerMessage | None]]] = {}  # acks that wait (and rows), oldest first
         self.held_since = 0.0
 
@@ -70,10 +73,8 @@ class TrainBatcher:
 
     def ack_of(self, env: dict) -> bytes | None:
         """The ack this job got when it was applied, or None if it was not."""
-        return self.applied.get(env["client"], {}).get(env["job"])
-
-    def remembered(self) -> int:
-        return sum(len(jobs) for jobs in self.applied.values())
+        kept = self.applied.get(env["client"], {}).get(env["job"])
+        return None if kept is None else wire.encode("ack", job=env["job"], client=env["client"], step=kept[0], loss=kept[1])
 
     def is_held(self, env: dict) -> bool:
         """Whether this job's ack waits for a checkpoint (it goes out then, to whoever holds the job)."""
@@ -84,23 +85,28 @@ class TrainBatcher:
         `release` (its step is not durable yet), in a trainer group with its rows (`msg`), which go
         back to the pending jobs if the step turns out lost (`reconcile_held`)."""
         key = (env["client"], env["job"])
-        self._remember(*key, ack)
+        fields = msgpack.unpackb(ack, raw=False)
+        self._remember(*key, fields["step"], fields["loss"])
         if hold:
             self.held_since = self.held_since if self.held else time.monotonic()
             self.held[key] = (ack, (env, msg))
 
-    def _remember(self, client: str, job: str, ack: bytes) -> None:
+    def _remember(self, client: str, job: str, step: int, loss: float) -> None:
         jobs = self.applied.setdefault(client, OrderedDict())
         self.applied.move_to_end(client)
-        jobs[job] = ack
+        self.total += job not in jobs
+        jobs[job] = (step, loss)
         jobs.move_to_end(job)
         if len(jobs) > ACKS_PER_CLIENT:
             for old in [j for j in jobs if (client, j) not in self.held][: len(jobs) - ACKS_PER_CLIENT]:
                 del jobs[old]  # a held ack stays until it is sent
-        if len(self.applied) > ACK_CLIENTS:
-            for idle in list(self.applied)[: len(self.applied) - ACK_CLIENTS]:
-                if not any(c == idle for c, _ in self.held):
-                    del self.applied[idle]
+                self.total -= 1
+        if self.total > ACKS_TOTAL:
+            holding = {c for c, _ in self.held}
+            for idle in [c for c in self.applied if c not in holding and c != client]:
+                self.total -= len(self.applied.pop(idle))
+                if self.total <= ACKS_TOTAL:
+                    break
 
     def commit_due(self, wait: float) -> bool:
         """Whether held acks should be made durable now: unless a full step's rows already wait for
@@ -123,19 +129,31 @@ class TrainBatcher:
         lost = [key for key in self.held if key[1] not in self.applied.get(key[0], {})]
         self.put_back([self.held.pop(key)[1] for key in lost])  # type: ignore[misc]  # a group's held jobs keep their rows
         for (client, job_id), (_, job) in self.held.items():
-            self.held[(client, job_id)] = (self.applied[client][job_id], job)
+            self.held[(client, job_id)] = (self.ack_of({"client": client, "job": job_id}), job)  # type: ignore[assignment]
         return len(lost)
 
     def applied_tensor(self) -> torch.Tensor:
-        """The remembered acks as a checkpoint's tensor (uint8 bytes of msgpack: [[client, job, ack], ...])."""
-        blob = msgpack.packb([[client, job, ack] for client, jobs in self.applied.items() for job, ack in jobs.items()], use_bin_type=True)
+        """The remembered acks as a checkpoint's tensor: uint8 bytes of msgpack, one row per client,
+        [client, [job, ...], [step, ...], [loss, ...]] (columns: a tenth of the time of a row per job)."""
+        rows = [[client, list(jobs), [s for s, _ in jobs.values()], [loss for _, loss in jobs.values()]] for client, jobs in self.applied.items()]
+        blob = msgpack.packb(rows, use_bin_type=True)
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
     def restore(self, saved: torch.Tensor) -> None:
-        """The remembered acks from `applied_tensor`'s output, in place of the current ones."""
+        """The remembered acks from `applied_tensor`'s output, in place of the current ones (also
+        from older checkpoints, whose entries carry the ack itself)."""
         self.applied.clear()
-        for client, job, ack in msgpack.unpackb(saved.numpy().tobytes(), raw=False):
-            self._remember(client, job, ack)
+        self.total = 0
+        for row in msgpack.unpackb(saved.numpy().tobytes(), raw=False):
+            if len(row) == 3:  # [client, job, ack]
+                fields = msgpack.unpackb(row[2], raw=False)
+                self._remember(row[0], row[1], fields["step"], fields["loss"])
+                continue
+            client, jobs, steps, losses = row
+            kept = self.applied[client] = OrderedDict(list(zip(jobs, zip(steps, losses)))[-ACKS_PER_CLIENT:])
+            self.total += len(kept)
+        while self.total > ACKS_TOTAL:
+            self.total -= len(self.applied.popitem(last=False)[1])
 
     def put_back(self, jobs: list[Pending]) -> None:
         """Jobs taken for a step that was not taken (a trainer group's collective failed): first again."""

@@ -106,7 +106,7 @@ class Worker(Stoppable):
             if applied is not None:
                 self.batcher.restore(applied)
             log.info("resumed the server model from %s at step %d (%d applied jobs remembered)", config.checkpoint, self.party.step,
-                     self.batcher.remembered())
+                     self.batcher.total)
         elif config.trainer and not config.checkpoint:
             log.warning("no --checkpoint: this worker's acknowledgements are not durable (a trainer that dies loses acknowledged updates)%s",
                         "; in a trainer group of two or more they are: every rank holds every step" if config.group else "")
