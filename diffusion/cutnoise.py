@@ -24,6 +24,7 @@ import json
 import math
 import os
 import secrets
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -108,30 +109,37 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
     every image it has seen; that choice is left to whoever starts a new state folder."""
     path, record = Path(path), views_path(path)
     wanted = json.loads(json.dumps(views)) if views is not None else None  # as the record reads back (tuples → lists)
-    unwritten = path.exists() and path.stat().st_size == 0  # created, then killed before it was written: never used
+    unwritten = path.exists() and path.stat().st_size == 0  # an earlier version killed between create and write: never used
     if unwritten:
-        path.unlink()
+        path.unlink(missing_ok=True)
     if not path.exists():
         if not create:
             raise FileNotFoundError(f"no node secret at {path}")
-        if record.exists() and not unwritten:
+        if record.exists() and not unwritten and not _appears(path):
             raise ValueError(f"{record} records a node secret that was made here but {path} is gone; if it sent anything, a new "
                              f"secret would give the server a second, independent view of every image it has seen. Restore the "
                              f"secret, or start over in a new state folder knowing that (if the node was killed during its very "
                              f"first start, nothing was sent)")
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         if wanted is not None:
             _write_record(record, wanted)
+        # Written whole beside it, then linked into place: the secret file is never seen empty or
+        # half written, and one another process linked meanwhile stands (its record too).
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it meanwhile: its secret (and record) stand
+            os.write(fd, secrets.token_bytes(SECRET_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
             pass
-        else:
-            try:
-                os.write(fd, secrets.token_bytes(SECRET_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        finally:
+            tmp.unlink()
+        sync_folder(path.parent)
     if path.stat().st_mode & 0o077:
         raise ValueError(f"node secret {path} may be read by others; make it private: chmod 600 {path}")
     secret = path.read_bytes()
@@ -142,11 +150,22 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
     return secret
 
 
+def _appears(path: Path, wait: float = 2.0) -> bool:
+    """Whether the file appears within `wait` seconds: another process that has just written the
+    record links its secret a moment later."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return path.exists()
+
+
 def _write_record(record: Path, views: dict[str, Any]) -> None:
     """Whole and only once: a record another process linked into place first stands (the check
     after the secret is read compares against it), so two nodes racing on one folder cannot
     leave a record of settings its secret never used."""
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w") as f:
         json.dump(views, f, sort_keys=True)
         f.flush()

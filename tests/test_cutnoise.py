@@ -220,3 +220,25 @@ def test_a_party_restored_from_its_random_state_continues_the_streams_instead_of
         assert not torch.equal(expected[2], replayed[2])
     assert CutNoise(SECRET).stream_id() == CutNoise(SECRET, "fresh").stream_id() != CutNoise(bytes(32)).stream_id()
     assert SECRET.hex()[:12] not in CutNoise(SECRET).stream_id()
+
+
+def test_nodes_racing_on_one_fresh_folder_all_get_one_secret(tmp_path):
+    """Sixteen at once (threads: the file operations race as processes' would): every one reads the
+    secret that was linked into place first, with its record; none is ever seen empty."""
+    import threading
+
+    bound = views(Cut(40, 100), "keyed", DataConfig(), 0)
+    path = tmp_path / "state" / "secret.key"
+    start, got = threading.Barrier(16), []
+
+    def one() -> None:
+        start.wait()
+        got.append(load_secret(path, bound))
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 16 and len(set(got)) == 1 and load_secret(path, bound) == got[0]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["secret.key", "secret.views.json"]
