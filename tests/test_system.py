@@ -656,6 +656,13 @@ def _group_status(front: str) -> dict:
     return {w["name"]: w for w in st.get("workers", [])} | {"": st.get("trainer_group", {})}
 
 
+def _trained_by_every_rank(front: str, client: RawClient, jobs: set[str], ranks: tuple[str, ...]) -> None:
+    """These train jobs each get one ack, and every one of these ranks applies rows."""
+    got = client.train_all(jobs)
+    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
+    wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ranks), 20, what="every rank to apply rows")
+
+
 def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_path):
     """Two trainers started with --group form one data-parallel group (ranks 0 and 1) and share the
     train jobs; a third joins and the group re-forms with three; one rank SIGKILLed while jobs
@@ -676,9 +683,7 @@ def test_a_trainer_group_trains_as_one_and_survives_a_ranks_death(fleet, tmp_pat
     client = RawClient(front, "c")
     client.hello()
     first = {f"a{i:02d}" for i in range(16)}
-    got = client.train_all(first)
-    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
-    wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ("t0", "t1")), 20, what="both ranks to apply rows")
+    _trained_by_every_rank(front, client, first, ("t0", "t1"))
     start_worker(fleet, back, front, "t2", *flags, "--group", f"127.0.0.1:{free_port()}")
     wait_for(lambda: _group_status(front)[""].get("world") == 3, 60, what="a group of three")
     second = {f"b{i:02d}" for i in range(24)}
@@ -765,9 +770,7 @@ def test_a_trainer_group_spans_two_hosts(second_host, fleet, tmp_path):
     client = RawClient(front, "c")
     client.hello()
     jobs = {f"a{i:02d}" for i in range(12)}
-    got = client.train_all(jobs)
-    assert all(len(v) == 1 and v[0]["type"] == "ack" for v in got.values()), got
-    wait_for(lambda: all(_group_status(front)[n]["stats"].get("train_rows", 0) > 0 for n in ("far", "near")), 20, what="both ranks to apply rows")
+    _trained_by_every_rank(front, client, jobs, ("far", "near"))
     assert fleet.stop("near") == 0 and fleet.stop("far") == 0  # SIGTERM: each checkpoints
 
     files = {n: tmp_path / f"{n}.safetensors" for n in ("far", "near")}
@@ -781,23 +784,30 @@ def test_a_trainer_group_spans_two_hosts(second_host, fleet, tmp_path):
     assert all(torch.equal(weights["far"][k], weights["near"][k]) for k in weights["far"])
 
 
+def _three_steps_then_a_standby(fleet: Fleet, front: str, back: str, flags: tuple[str, ...], tmp_path, standby: str) -> RawClient:
+    """Trainer "t" (with a checkpoint) chosen and a standby registered; a client's three jobs are
+    acknowledged as steps 1-3. The client, welcomed."""
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
+    wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
+    start_worker(fleet, back, front, standby, *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    return client
+
+
 def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledged_steps(fleet, tmp_path):
     """A trainer acknowledges 3 steps (none relayed: --sync-every 100) and the broker is SIGKILLed
     and started again on its ports. The new run does not know who holds those steps, and the
     standby, at step 0, registers first (the trainer is SIGSTOPped for part of the run's election,
-    one heartbeat deadline): the trainer is chosen all the same, and the next job is step 4.
+    --elect-trainer-for 4): the trainer is chosen all the same, and the next job is step 4.
     Then, with --state, the broker is killed again and the trainer stopped past the election: the
     broker remembers step 4, so the standby does not take over; the job waits for the trainer."""
     slow_hb = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "8")
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100", *slow_hb)
     ports = (free_port(), free_port())
     front, back = start_broker(fleet, *slow_hb, "--elect-trainer-for", "4", ports=ports)
-    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
-    wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
-    start_worker(fleet, back, front, "s", *flags)
-    client = RawClient(front, "c")
-    client.hello()
-    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    client = _three_steps_then_a_standby(fleet, front, back, flags, tmp_path, "s")
 
     def restart(name: str, *extra: str, stop_trainer_for: float) -> None:
         os.kill(fleet.procs[name].pid, signal.SIGKILL)
@@ -830,12 +840,7 @@ def test_a_trainer_that_stops_cleanly_relays_its_last_steps_and_the_standby_take
     waited for the trainer to come back or `no_worker_wait`)."""
     front, back = start_broker(fleet)
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
-    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
-    wait_for(lambda: any(w["trainer"] for w in _status(front)["workers"]), 30, what="the trainer chosen")
-    start_worker(fleet, back, front, "standby", *flags)
-    client = RawClient(front, "c")
-    client.hello()
-    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    client = _three_steps_then_a_standby(fleet, front, back, flags, tmp_path, "standby")
     assert fleet.stop("t") == 0
     got = client.train_all({"b0"}, timeout=30)
     assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4, got
