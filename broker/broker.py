@@ -3,7 +3,8 @@
 Two ROUTER sockets: nodes connect to the frontend, workers to the backend. The broker reads only
 envelopes; tensor frames are forwarded as the zmq.Frame objects they arrived in (no decode, no
 copy). State is explicit and lives in this module, but for the trainer group's membership
-(broker/group.py) and who speaks for which client (broker/identity.py):
+(broker/group.py), who speaks for which client (broker/identity.py) and who may be the lone
+trainer (broker/succession.py):
 
 - per client: a bounded queue per job kind (train, denoise); a full queue answers `busy` at once;
 - per worker: credit in rows per kind, the jobs it holds, when it was last heard from;
@@ -44,6 +45,7 @@ from collafuse.protocol import security, tensors, wire
 from collafuse.broker.group import TrainerGroup
 from collafuse.broker.identity import Identities
 from collafuse.broker.state import ACKS, OWNERS, BrokerState
+from collafuse.broker.succession import Succession
 from collafuse.protocol.sockets import drain
 from collafuse.protocol.wire import ErrorCode, ProtocolError
 
@@ -111,12 +113,6 @@ class WorkerState:
         return not self.group and (relayed == "weights" or self.trainer)
 
 
-def reported_step(worker: WorkerState) -> int:
-    """The optimiser step a worker's heartbeats report (0 until one does, or if it is not a count)."""
-    step = worker.stats.get("step")
-    return step if type(step) is int and step >= 0 else 0
-
-
 class Broker(Stoppable):
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
@@ -153,15 +149,7 @@ class Broker(Stoppable):
         self.cached: OrderedDict[tuple[str, str], int] = OrderedDict()  # every cached reply → its bytes, oldest first
         self.cached_bytes = 0
         self.trainer: bytes | None = None  # the trainer whose weights are relayed (the group's rank 0)
-        # The latest optimiser step a lone trainer acknowledged (kept in --state); None until the
-        # first ack: a broker started without its state does not know what was acknowledged before.
-        self.acked_step: int | None = None
-        self.acks_durable = True  # whether the trainer that sent them had a checkpoint
-        # Nor which worker holds those steps: for `elect_trainer_for` after it starts (until
-        # `elect_until`) it names no lone trainer, so that every worker that was one can register
-        # and report its step; then the one with the highest step that may train is chosen.
-        self.elect_until = time.monotonic() + config.elect_trainer_for
-        self.acked_by = ""  # the worker name that sent the latest ack (kept in --state): the election ends when it is back
+        self.succession = Succession(config.elect_trainer_for, self.state)  # who may be the lone trainer
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
         self.group = TrainerGroup(config.group_settle, config.group_max_failures)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
@@ -188,7 +176,7 @@ class Broker(Stoppable):
         self.identities.restore(self.state.read(OWNERS) or {})
         acks = self.state.read(ACKS)
         if acks:
-            self.acked_step, self.acks_durable, self.acked_by = int(acks["step"]), bool(acks["durable"]), str(acks.get("by", ""))
+            self.succession.restore(acks)
         for kind in wire.RELAYED:
             saved = self.state.read(kind)
             if saved:
@@ -458,7 +446,7 @@ class Broker(Stoppable):
                 worker.stats = env["stats"]
             if worker.group and isinstance(worker.stats.get("generation"), str):
                 self.group.formed(route, worker.stats["generation"], time.monotonic())
-            if self.trainer is None and worker.trainer and not worker.group and not self.electing() and self.may_train(worker):
+            if self.trainer is None and worker.trainer and not worker.group and not self.succession.electing() and self.may_train(worker):
                 self.trainer = route  # e.g. the trainer back from its checkpoint, which reports its step here
                 log.info("worker %s is the trainer now (at step %s)", worker.name, worker.stats.get("step"))
         elif kind in wire.REPLIES:
@@ -489,7 +477,7 @@ class Broker(Stoppable):
             return
         group = env.get("group", "") if env["trainer"] else ""
         lone = self.workers.get(self.trainer) if self.trainer is not None else None
-        if lone is None and self.electing():  # the election will name one of these
+        if lone is None and self.succession.electing():  # the election will name one of these
             lone = next((w for w in self.workers.values() if w.trainer and not w.group and self.may_train(w)), None)
         if group and lone is not None and not lone.group and lone.route != route:
             problem: str | None = (f"a lone trainer ({lone.name}) trains here; stop it before starting a trainer group (its checkpoint, "
@@ -511,7 +499,7 @@ class Broker(Stoppable):
         self.workers[route] = worker
         if worker.group:
             self.group.join(route, worker.group, env["model"], time.monotonic())
-        if worker.trainer and self.trainer is None and (worker.group or (not self.electing() and self.may_train(worker))):
+        if worker.trainer and self.trainer is None and (worker.group or (not self.succession.electing() and self.may_train(worker))):
             self.trainer = route
         # The latest version's parts, in order, weights first; a group member takes them only now, a
         # trainer only if they are newer than its model (a fresh one then starts from them).
@@ -553,21 +541,8 @@ class Broker(Stoppable):
             return
         worker.completed += 1
         if env["type"] == "ack":
-            self.note_ack(worker, env["step"])
+            self.succession.note_ack(worker, env["step"], replicated=bool(worker.group) and len(self.group.current.members) >= 2)
         self.answer(job, frames, failed=env["type"] == "error")
-
-    def note_ack(self, worker: WorkerState, step: int) -> None:
-        """The latest acknowledged step, whether it is durable, and who acknowledged it (kept in
-        --state). Acks that were not durable were never promises: a durable trainer after them
-        starts the count from its own step. A trainer group's acks are durable once two ranks hold
-        them; they name no one (no single rank's return may end an election)."""
-        durable = bool(worker.stats.get("durable", True)) or (bool(worker.group) and len(self.group.current.members) >= 2)
-        previous = self.acked_step if self.acked_step is not None and self.acks_durable else 0
-        latest = (max(previous, step), durable, "" if worker.group else worker.name)
-        if latest != (self.acked_step, self.acks_durable, self.acked_by):
-            self.acked_step, self.acks_durable, self.acked_by = latest
-            if self.state is not None:
-                self.state.write(ACKS, {"step": self.acked_step, "durable": self.acks_durable, "by": self.acked_by})
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
         """Why a worker's reply cannot be this job's answer (None: it can)."""
@@ -602,49 +577,21 @@ class Broker(Stoppable):
 
     def standby(self) -> bytes | None:
         """The worker that takes over from a trainer that is gone, or is chosen when the election
-        ends: of those that may (`may_train`), the one whose heartbeats report the highest step
-        (the first registered of equals). None: train jobs wait until one may (a trainer back from
-        its checkpoint reports its step in its heartbeats), or are answered `unavailable` after
-        `no_worker_wait`. (A trainer group re-forms instead.)"""
-        standbys = [w for w in self.workers.values() if w.trainer and not w.group]
-        chosen = max((w for w in standbys if self.may_train(w)), key=reported_step, default=None)
-        if chosen is None and standbys:
-            log.warning("the trainer is gone; no standby holds step %s, the latest acknowledged (relayed: step %d): train jobs wait "
-                        "for the trainer to return from its checkpoint", self.acked_step, self.relayed_version)
+        ends (broker/succession.py). (A trainer group re-forms instead.)"""
+        chosen = self.succession.standby(self.workers.values(), self.relayed_version)
         return chosen.route if chosen is not None else None
 
-    def electing(self) -> bool:
-        """Until `elect` has chosen (not merely until its time is up: a worker heard first then
-        must not take the place the election gives the highest step)."""
-        return self.elect_until > 0
-
     def elect(self, now: float) -> None:
-        """End the election once its time is up, or once the worker that sent the latest ack
-        (known from --state) is back and its own model holds that step (a name alone proves
-        nothing: names need not be unique): the lone trainer is the standby with the highest step
-        (none while a trainer group forms instead)."""
-        if not self.elect_until:
-            return
-        back = any(w.name == self.acked_by and w.trainer and not w.group and "step" in w.stats and reported_step(w) >= (self.acked_step or 0)
-                   for w in self.workers.values()) if self.acked_by else False
-        if now < self.elect_until and not back:
-            return
-        self.elect_until = 0
-        if self.trainer is None and not self.group.candidates:
+        """Once the election ends, the lone trainer is the standby with the highest step (none
+        while a trainer group forms instead)."""
+        if self.succession.election_ends(now, self.workers.values()) and self.trainer is None and not self.group.candidates:
             self.trainer = self.standby()
             if self.trainer is not None:
                 worker = self.workers[self.trainer]
                 log.info("worker %s is the trainer (the highest step reported: %s)", worker.name, worker.stats.get("step", 0))
 
     def may_train(self, worker: WorkerState) -> bool:
-        """Whether this worker may become the trainer without losing an acknowledged update: its own
-        model (the step its heartbeats report) or the latest relay, which it loads when newer,
-        holds the latest step acknowledged (in this broker run, or with --state before it). Acks of a trainer without a
-        checkpoint were never promises (it says so at start; its heartbeats say `durable` false),
-        and a broker run that has seen no ack knows of none, so then any worker may."""
-        if self.acked_step is None or not self.acks_durable:
-            return True
-        return max(reported_step(worker), self.relayed_version) >= self.acked_step
+        return self.succession.may_train(worker, self.relayed_version)
 
     def requeue(self, worker: WorkerState, *kinds: str) -> None:
         """The jobs this worker holds (of these kinds; all without) back to the front of their queues, in their order."""

@@ -1,5 +1,5 @@
 """Which worker the broker makes the lone trainer after it starts, and what it remembers of the
-acknowledged steps (broker/broker.py: note_ack, elect, may_train), at the broker's own state; the
+acknowledged steps (broker/succession.py, and the broker's elect), at the broker's own state; the
 cases are those of a review of the election (each failed before its fix)."""
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def test_a_durable_trainer_after_one_that_was_not_counts_from_its_own_step():
     standby may train again after a restart (before: 100, and nobody could ever train)."""
     broker = _broker()
     a, b = _worker(broker, "a", 100, durable=False), _worker(broker, "b", 81)
-    broker.note_ack(a, 100)
-    broker.note_ack(b, 81)
-    assert (broker.acked_step, broker.acks_durable, broker.acked_by) == (81, True, "b") and broker.may_train(b)
+    broker.succession.note_ack(a, 100, replicated=False)
+    broker.succession.note_ack(b, 81, replicated=False)
+    assert (broker.succession.step, broker.succession.durable, broker.succession.by) == (81, True, "b") and broker.may_train(b)
     broker.close()
 
 
@@ -45,17 +45,17 @@ def test_a_groups_acks_count_and_no_rank_ends_the_election_alone():
     step is the one that counts, and a worker started from a rank's checkpoint (310) wins."""
     broker = _broker()
     lone = _worker(broker, "lone", 100)
-    broker.note_ack(lone, 100)
-    member = _worker(broker, "rank0", 305, group="127.0.0.1:1")
-    broker.note_ack(member, 305)
-    assert (broker.acked_step, broker.acked_by) == (305, "")
+    broker.succession.note_ack(lone, 100, replicated=False)
+    member = _worker(broker, "rank0", 305, durable=False, group="127.0.0.1:1")
+    broker.succession.note_ack(member, 305, replicated=True)
+    assert (broker.succession.step, broker.succession.durable, broker.succession.by) == (305, True, "")
     del broker.workers[lone.route], broker.workers[member.route]
     broker.relayed_version = 300
     lone = _worker(broker, "lone", 100)
     broker.elect(time.monotonic())
-    assert broker.electing() and broker.trainer is None
+    assert broker.succession.electing() and broker.trainer is None
     resumed = _worker(broker, "from-rank0", 310)
-    broker.elect(broker.elect_until)
+    broker.elect(broker.succession.elect_until)
     assert broker.trainer == resumed.route and not broker.may_train(lone)
     broker.close()
 
@@ -64,19 +64,19 @@ def test_a_name_alone_does_not_end_the_election():
     """The state says step 100 was acknowledged by "worker"; a standby of that name (names need not
     be unique) at step 0 registers first. The election goes on, and the real trainer (103) wins."""
     broker = _broker()
-    broker.acked_step, broker.acked_by, broker.relayed_version = 100, "worker", 100
+    broker.succession.step, broker.succession.by, broker.relayed_version = 100, "worker", 100
     _worker(broker, "worker", 0)
     broker.elect(time.monotonic())
-    assert broker.electing()
+    assert broker.succession.electing()
     trainer = _worker(broker, "worker", 103)
     broker.elect(time.monotonic())
-    assert not broker.electing() and broker.trainer == trainer.route
+    assert not broker.succession.electing() and broker.trainer == trainer.route
     broker.close()
 
 
 def test_during_the_election_only_a_lone_worker_that_may_train_keeps_a_group_out():
     broker = _broker()
-    broker.acked_step = 50
+    broker.succession.step = 50
     _worker(broker, "behind", 0)  # may not train: it lacks the acknowledged steps
     ready = {"worker": "g", "denoise_credit": 8, "train_credit": 8, "trainer": True, "image_shape": [1, 8, 8], "levels": 100,
              "model": "tiny", "group": "127.0.0.1:2"}
@@ -87,9 +87,9 @@ def test_during_the_election_only_a_lone_worker_that_may_train_keeps_a_group_out
 
 def test_a_step_that_is_not_a_count_is_step_zero():
     broker = _broker()
-    broker.acked_step = 5
+    broker.succession.step = 5
     junk = [_worker(broker, f"j{i}", step) for i, step in enumerate(("abc", -3, 2.5, None, [1]))]
     assert not any(broker.may_train(w) for w in junk)
-    broker.elect(broker.elect_until)
+    broker.elect(broker.succession.elect_until)
     assert broker.trainer is None
     broker.close()
