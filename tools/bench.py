@@ -388,20 +388,28 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64, clients:
             p.start()
         try:
             sock = dealer(zmq.Context.instance(), f"tcp://127.0.0.1:{fp}", 1 << 26, _bench_keys(keys, "bench"))
+
+            def recv(what: str) -> None:
+                """One reply, or a clear failure after 60 s of silence (a bench must not hang)."""
+                if not sock.poll(60_000):
+                    alive = ", ".join(f"{p.name} {'alive' if p.is_alive() else 'exited ' + str(p.exitcode)}" for p in procs)
+                    raise TimeoutError(f"no reply for 60 s waiting for {what} ({alive})")
+                sock.recv_multipart(copy=False)
+
             time.sleep(1.0)
             for name in names if hello else ():
                 sock.send(wire.encode("hello", client=name, t_c=60, image_shape=[1, 32, 32], levels=100))
-                sock.recv_multipart()
+                recv(f"the welcome of {name}")
             for i in range(200):  # warm-up
                 sock.send_multipart(make_frames(-1 - i), copy=False)
-                sock.recv_multipart(copy=False)
+                recv(f"warm-up job {i}")
             sent = received = 0
             start = time.perf_counter()
             while received < messages:
                 while sent < messages and sent - received < window:
                     sock.send_multipart(make_frames(sent), copy=False)
                     sent += 1
-                sock.recv_multipart(copy=False)
+                recv(f"reply {received} of {messages}")
                 received += 1
             rate = messages / (time.perf_counter() - start)
             sock.close(0)
