@@ -303,6 +303,9 @@ def _proxy_process(fp: int, bp: int, keys: str) -> None:
 
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for sock in (front, back):
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
     if keys:
         store = KeyStore(Path(keys) / "broker")
         store.serve(front, FRONTEND)
@@ -366,6 +369,7 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64, clients:
     import tempfile
     from pathlib import Path
 
+    import msgpack
     import numpy as np
     import zmq
 
@@ -387,13 +391,19 @@ def broker(messages: int = 20000, size_kib: int = 64, window: int = 64, clients:
         for p in procs:
             p.start()
         try:
-            sock = dealer(zmq.Context.instance(), f"tcp://127.0.0.1:{fp}", 1 << 26, _bench_keys(keys, "bench"))
+            # Unbounded queues, as the load test's: a window above ZeroMQ's high-water mark (1000) made
+            # zmq.proxy's ROUTER drop replies now and then, and the bench wait for them.
+            sock = dealer(zmq.Context.instance(), f"tcp://127.0.0.1:{fp}", 1 << 26, _bench_keys(keys, "bench"), sndhwm=0, rcvhwm=0)
 
             def recv(what: str) -> None:
                 """One reply, or a clear failure after 60 s of silence (a bench must not hang)."""
                 if not sock.poll(60_000):
                     alive = ", ".join(f"{p.name} {'alive' if p.is_alive() else 'exited ' + str(p.exitcode)}" for p in procs)
-                    raise TimeoutError(f"no reply for 60 s waiting for {what} ({alive})")
+                    state = ""
+                    if hello:  # our broker says what it holds
+                        sock.send(wire.encode("status"))
+                        state = f"; broker: {msgpack.unpackb(sock.recv_multipart()[0]) if sock.poll(5_000) else 'no status'}"
+                    raise TimeoutError(f"{middle.__name__}, {keys and 'curve' or 'plain'}: no reply for 60 s waiting for {what} ({alive}){state}")
                 sock.recv_multipart(copy=False)
 
             time.sleep(1.0)
