@@ -159,12 +159,13 @@ class ProtocolLimits:
     max_abs_eps: float = 8.0
     max_abs_x_t: float = 12.0
     eps_moment_se: float = 8.0  # each row's ε₂ mean and variance within this many standard errors of N(0, 1)'s
-    # A trainer remembers the acks of this many applied train jobs per client, and this many in all
-    # (whole clients forgotten, least recently applied first: every checkpoint carries them), so
+    # A trainer remembers the acks of this many applied train jobs per client, and this many jobs and
+    # clients in all (whole clients forgotten, least recently applied first: every checkpoint carries them), so
     # that a job sent again is answered, not applied twice; a node replays at most
     # checkpoint_every + window jobs after a crash.
     acks_per_client: int = 256
     acks_total: int = 131072
+    ack_clients: int = 4096
 
 
 @dataclass(frozen=True)

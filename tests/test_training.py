@@ -179,6 +179,14 @@ def test_the_trainers_memory_of_applied_jobs_is_per_client(monkeypatch):
         batcher.remember({"client": f"other{i}", "job": "x"}, ack(f"other{i}", "x"), hold=False)
     assert batcher.total <= 1000 and "busy0" not in batcher.applied and "victim" in batcher.applied and "other99" in batcher.applied
     assert batcher.total == sum(len(j) for j in batcher.applied.values())
+    monkeypatch.setattr(training, "ACK_CLIENTS", 50)
+    batcher.remember({"client": "last", "job": "x"}, ack("last", "x"), hold=False)
+    assert len(batcher.applied) == 50 and "victim" in batcher.applied  # clients capped too (a checkpoint packs a row each)
+    held = TrainBatcher(64, 0.0)
+    for i in range(ACKS_PER_CLIENT + 10):  # more held acks than a client keeps: none is dropped, nor by a restore (a group's sync)
+        held.remember({"client": "h", "job": f"h{i}"}, ack("h", f"h{i}"), hold=True)
+    held.restore(held.applied_tensor())
+    assert all(held.ack_of({"client": "h", "job": f"h{i}"}) for i in range(ACKS_PER_CLIENT + 10))
 
 
 def test_a_node_refuses_a_replay_longer_than_the_trainer_remembers(tmp_path):

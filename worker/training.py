@@ -20,9 +20,11 @@ from collafuse.protocol import wire
 # when a node replays after a crash (at most its --checkpoint-every steps plus its window, which a
 # node keeps within ACKS_PER_CLIENT) or after a broker's restart, so it is one of that client's
 # last. Per client, so that other clients' traffic does not push a client's jobs out while the
-# total stays below ACKS_TOTAL; beyond it, whole clients go, the least recently applied first.
+# memory stays below ACKS_TOTAL jobs and ACK_CLIENTS clients; beyond, whole clients go, the least
+# recently applied first.
 ACKS_PER_CLIENT = ProtocolLimits.acks_per_client
 ACKS_TOTAL = ProtocolLimits.acks_total
+ACK_CLIENTS = ProtocolLimits.ack_clients
 
 Pending = tuple[dict, ServerMessage]  # a train job's envelope and its rows
 
@@ -86,10 +88,10 @@ class TrainBatcher:
         back to the pending jobs if the step turns out lost (`reconcile_held`)."""
         key = (env["client"], env["job"])
         fields = msgpack.unpackb(ack, raw=False)
-        self._remember(*key, fields["step"], fields["loss"])
-        if hold:
+        if hold:  # first: the caps below never drop a held ack
             self.held_since = self.held_since if self.held else time.monotonic()
             self.held[key] = (ack, (env, msg))
+        self._remember(*key, fields["step"], fields["loss"])
 
     def _remember(self, client: str, job: str, step: int, loss: float) -> None:
         jobs = self.applied.setdefault(client, OrderedDict())
@@ -97,16 +99,26 @@ class TrainBatcher:
         self.total += job not in jobs
         jobs[job] = (step, loss)
         jobs.move_to_end(job)
+        self._trim(client)
+        self._evict(keep=client)
+
+    def _trim(self, client: str) -> None:
+        """This client's oldest acks beyond ACKS_PER_CLIENT, but a held ack stays until it is sent."""
+        jobs = self.applied[client]
         if len(jobs) > ACKS_PER_CLIENT:
             for old in [j for j in jobs if (client, j) not in self.held][: len(jobs) - ACKS_PER_CLIENT]:
-                del jobs[old]  # a held ack stays until it is sent
+                del jobs[old]
                 self.total -= 1
-        if self.total > ACKS_TOTAL:
+
+    def _evict(self, keep: str = "") -> None:
+        """Whole clients, least recently applied first, while the memory is beyond ACKS_TOTAL jobs or
+        ACK_CLIENTS clients (a checkpoint packs one row per client); never one with a held ack."""
+        while self.total > ACKS_TOTAL or len(self.applied) > ACK_CLIENTS:
             holding = {c for c, _ in self.held}
-            for idle in [c for c in self.applied if c not in holding and c != client]:
-                self.total -= len(self.applied.pop(idle))
-                if self.total <= ACKS_TOTAL:
-                    break
+            idle = next((c for c in self.applied if c not in holding and c != keep), None)
+            if idle is None:
+                return
+            self.total -= len(self.applied.pop(idle))
 
     def commit_due(self, wait: float) -> bool:
         """Whether held acks should be made durable now: unless a full step's rows already wait for
@@ -150,10 +162,10 @@ class TrainBatcher:
                 self._remember(row[0], row[1], fields["step"], fields["loss"])
                 continue
             client, jobs, steps, losses = row
-            kept = self.applied[client] = OrderedDict(list(zip(jobs, zip(steps, losses)))[-ACKS_PER_CLIENT:])
-            self.total += len(kept)
-        while self.total > ACKS_TOTAL:
-            self.total -= len(self.applied.popitem(last=False)[1])
+            self.applied[client] = OrderedDict(zip(jobs, zip(steps, losses)))
+            self.total += len(jobs)
+            self._trim(client)
+        self._evict()
 
     def put_back(self, jobs: list[Pending]) -> None:
         """Jobs taken for a step that was not taken (a trainer group's collective failed): first again."""
