@@ -109,13 +109,13 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
     every image it has seen; that choice is left to whoever starts a new state folder."""
     path, record = Path(path), views_path(path)
     wanted = json.loads(json.dumps(views)) if views is not None else None  # as the record reads back (tuples → lists)
-    unwritten = path.exists() and path.stat().st_size == 0  # an earlier version killed between create and write: never used
-    if unwritten:
-        path.unlink(missing_ok=True)
+    if path.exists() and path.stat().st_size == 0:  # not removed here: another process may be making one meanwhile
+        raise ValueError(f"{path} is empty: an earlier version was killed while it created it, so it was never used. "
+                         f"Delete it and start again")
     if not path.exists():
         if not create:
             raise FileNotFoundError(f"no node secret at {path}")
-        if record.exists() and not unwritten and not _appears(path):
+        if record.exists() and not _appears(path) and not _adopt_unlinked(path):
             raise ValueError(f"{record} records a node secret that was made here but {path} is gone; if it sent anything, a new "
                              f"secret would give the server a second, independent view of every image it has seen. Restore the "
                              f"secret, or start over in a new state folder knowing that (if the node was killed during its very "
@@ -138,7 +138,7 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
         except FileExistsError:
             pass
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)  # (or adopted by another process meanwhile: `_adopt_unlinked`)
         sync_folder(path.parent)
     if path.stat().st_mode & 0o077:
         raise ValueError(f"node secret {path} may be read by others; make it private: chmod 600 {path}")
@@ -158,6 +158,23 @@ def _appears(path: Path, wait: float = 2.0) -> bool:
         if path.exists():
             return True
         time.sleep(0.01)
+    return path.exists()
+
+
+def _adopt_unlinked(path: Path) -> bool:
+    """A secret written whole beside `path` and never linked into place (its process was killed
+    in between): nothing ever read it at `path`, so it was never used; link it in."""
+    for tmp in sorted(path.parent.glob(f"{path.name}.*.tmp")):
+        try:
+            if tmp.stat().st_size == SECRET_BYTES:
+                os.link(tmp, path)
+                tmp.unlink(missing_ok=True)
+                sync_folder(path.parent)
+                return True
+        except FileExistsError:
+            return True
+        except FileNotFoundError:  # its owner linked or removed it meanwhile
+            continue
     return path.exists()
 
 
