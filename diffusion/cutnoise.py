@@ -34,7 +34,7 @@ import torch
 
 from collafuse.common.config import DataConfig
 from collafuse.common.cut import Cut
-from collafuse.common.files import sync_folder
+from collafuse.common.files import create_durably, sync_folder
 
 SECRET_BYTES = 32
 MODES = ("keyed", "fresh")
@@ -122,24 +122,12 @@ def load_secret(path: str | Path, views: Mapping[str, Any] | None = None, create
                              f"first start, nothing was sent)")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Both whole and only once: a record and a secret another process linked into place first
+        # stand (the check after the secret is read compares against that record), so two nodes
+        # racing on one folder cannot leave a record of settings its secret never used.
         if wanted is not None:
-            _write_record(record, wanted)
-        # Written whole beside it, then linked into place: the secret file is never seen empty or
-        # half written, and one another process linked meanwhile stands (its record too).
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(SECRET_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)  # (or adopted by another process meanwhile: `_adopt_unlinked`)
-        sync_folder(path.parent)
+            create_durably(record, json.dumps(wanted, sort_keys=True).encode())
+        create_durably(path, secrets.token_bytes(SECRET_BYTES), 0o600)
     if path.stat().st_mode & 0o077:
         raise ValueError(f"node secret {path} may be read by others; make it private: chmod 600 {path}")
     secret = path.read_bytes()
@@ -176,24 +164,6 @@ def _adopt_unlinked(path: Path) -> bool:
         except FileNotFoundError:  # its owner linked or removed it meanwhile
             continue
     return path.exists()
-
-
-def _write_record(record: Path, views: dict[str, Any]) -> None:
-    """Whole and only once: a record another process linked into place first stands (the check
-    after the secret is read compares against it), so two nodes racing on one folder cannot
-    leave a record of settings its secret never used."""
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(views, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, record)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    sync_folder(record.parent)
 
 
 def _check_record(record: Path, wanted: dict[str, Any]) -> None:

@@ -592,6 +592,31 @@ def recovery(before: float = 15.0, down: float = 1.0, after: float = 15.0, state
 
 
 @app.command()
+def memory(clients: str = "1024,4096") -> None:
+    """What a trainer's memory of applied jobs costs when full (131,072 jobs, spread over N clients):
+    per ack remembered, and the checkpoint's copy (size, time to pack and to restore)."""
+    from collafuse.common.config import ProtocolLimits
+    from collafuse.protocol import wire
+    from collafuse.worker.training import TrainBatcher
+
+    for n in (int(c) for c in clients.split(",")):
+        batcher = TrainBatcher(64, 0.0)
+        start = time.perf_counter()
+        for j in range(ProtocolLimits.acks_total // n):
+            for c in range(n):
+                name = f"client{c:04d}"
+                batcher.remember({"client": name, "job": f"{name}-0123456789ab-{j}"}, wire.encode("ack", job="x", client=name, step=j, loss=0.1234), hold=False)
+        packing = time.perf_counter()
+        blob = batcher.applied_tensor()
+        restoring = time.perf_counter()
+        TrainBatcher(64, 0.0).restore(blob)
+        end = time.perf_counter()
+        typer.echo(json.dumps({"what": "ack_memory", "clients": n, "jobs": batcher.total, "us_per_ack": round((packing - start) / batcher.total * 1e6, 1),
+                               "checkpoint_mb": round(blob.numel() / 1e6, 2), "pack_ms": round((restoring - packing) * 1e3),
+                               "restore_ms": round((end - restoring) * 1e3)}))
+
+
+@app.command()
 def acks(clients: int = 16, rows: int = 4, duration: float = 15.0, model: str = "tiny", logs: Path = Path("/tmp/collafuse-bench-acks")) -> None:
     """What durable acknowledgements cost: train jobs from simulated clients through one trainer
     with --checkpoint (an ack waits for the checkpoint that contains its step) and the same trainer

@@ -105,16 +105,20 @@ class TrainBatcher:
     def _trim(self, client: str) -> None:
         """This client's oldest acks beyond ACKS_PER_CLIENT, but a held ack stays until it is sent."""
         jobs = self.applied[client]
-        if len(jobs) > ACKS_PER_CLIENT:
-            for old in [j for j in jobs if (client, j) not in self.held][: len(jobs) - ACKS_PER_CLIENT]:
-                del jobs[old]
-                self.total -= 1
+        while len(jobs) > ACKS_PER_CLIENT:
+            old = next((j for j in jobs if (client, j) not in self.held), None)  # the first, unless held
+            if old is None:
+                return
+            del jobs[old]
+            self.total -= 1
 
     def _evict(self, keep: str = "") -> None:
         """Whole clients, least recently applied first, while the memory is beyond ACKS_TOTAL jobs or
         ACK_CLIENTS clients (a checkpoint packs one row per client); never one with a held ack."""
+        if self.total <= ACKS_TOTAL and len(self.applied) <= ACK_CLIENTS:
+            return
+        holding = {c for c, _ in self.held}
         while self.total > ACKS_TOTAL or len(self.applied) > ACK_CLIENTS:
-            holding = {c for c, _ in self.held}
             idle = next((c for c in self.applied if c not in holding and c != keep), None)
             if idle is None:
                 return
