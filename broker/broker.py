@@ -542,6 +542,8 @@ class Broker(Stoppable):
         worker.completed += 1
         if env["type"] == "ack":
             self.succession.note_ack(worker, env["step"], replicated=bool(worker.group) and len(self.group.current.members) >= 2)
+            if worker.group:
+                self.group.acknowledged(worker.route, time.monotonic())
         self.answer(job, frames, failed=env["type"] == "error")
 
     def reply_problem(self, job: Job, env: dict, frames: list[zmq.Frame]) -> str | None:
@@ -627,11 +629,20 @@ class Broker(Stoppable):
         if generation is None:
             return
         log.info("trainer group %s: %s", generation.id, ", ".join(self.workers[r].name for r in generation.members) or "empty")
-        if generation.left_out is not None:
-            self.leave_out(generation.left_out)
+        for route in generation.left_out:
+            self.leave_out(route)
         for route in generation.members:
             self.backend.send_multipart([route, wire.encode("group", **generation.message(route))])
         self.trainer = generation.members[0] if generation.members else None
+
+    def group_status(self) -> dict:
+        """The trainer group's generation and, while a member at fault is searched for, who is out
+        of its generations and who is parked (broker/group.py)."""
+        def names(routes: list[bytes]) -> list[str]:
+            return [self.workers[r].name for r in routes if r in self.workers]
+
+        g = self.group
+        return {"generation": g.current.id, "world": len(g.current.members), "out": names(g.left_out_now()), "parked": names(g.parked)}
 
     def leave_out(self, route: bytes) -> None:
         """A trainer the group left out (broker/group.py) serves denoise jobs only: it is told why,
@@ -639,9 +650,9 @@ class Broker(Stoppable):
         worker = self.workers.get(route)
         if worker is None:
             return
-        reason = ("left out of the trainer group: its generations failed, one of every other member formed without it, and the "
-                  "next with it failed again (can the other ranks reach its --group address?); it serves denoise jobs only until "
-                  "it restarts")
+        reason = ("left out of the trainer group: its generations failed, one of every other member held (formed and took a "
+                  "step) without it, and the next with it failed, every other member reporting it (can the other ranks reach its "
+                  "--group address? is it too slow for --group-timeout?); it serves denoise jobs only until it restarts")
         log.warning("worker %s %s", worker.name, reason)
         self.backend.send_multipart([route, wire.error("", ErrorCode.REFUSED, reason)])  # first: the relays below are for a non-member
         self.requeue(worker, "train")
@@ -786,7 +797,7 @@ class Broker(Stoppable):
             "in_flight": sum(in_flight.values()),
             "forwarded": self.forwarded,
             "weights_relayed": bool(self.relayed["weights"]),
-            "trainer_group": {"generation": self.group.current.id, "world": len(self.group.current.members)},
+            "trainer_group": self.group_status(),
             "workers": [
                 {
                     "name": w.name,

@@ -81,7 +81,7 @@ def broker(
     max_queue: int = typer.Option(BrokerConfig.max_queue_per_client, "--max-queue", min=1, help="Jobs queued per client; beyond, the client is answered 'busy'."),
     max_clients: int = typer.Option(BrokerConfig.max_clients, "--max-clients", min=1, help="Client names known at once; a hello beyond is answered 'busy'."),
     group_settle: float = typer.Option(BrokerConfig.group_settle, "--group-settle", min=0.0, help="Seconds after a trainer joins, leaves or reports a failed collective before the trainer group re-forms (several events make one new generation)."),
-    group_max_failures: int = typer.Option(BrokerConfig.group_max_failures, "--group-max-failures", min=1, help="Failed trainer-group generations in a row after which trainers that never formed one are suspects, left out in turn (in a group of three or more) to find one that breaks every generation; found, it only denoises until it restarts."),
+    group_max_failures: int = typer.Option(BrokerConfig.group_max_failures, "--group-max-failures", min=1, help="Failed trainer-group generations in a row after which trainers that never held one (formed and took a step) beside another are suspects, left out in turn to find one that breaks every generation; found, it only denoises until it restarts."),
     max_connections_per_key: int = typer.Option(BrokerConfig.max_connections_per_key, "--max-connections-per-key", min=1, help="Connections one node key keeps known at once (with keys); beyond, its oldest is forgotten and answered 'not_joined'."),
     client_idle_expiry: float = typer.Option(BrokerConfig.client_idle_expiry, "--client-idle-expiry", min=0.0, help="Seconds of silence (nothing queued or in flight) after which a client is forgotten."),
     no_worker_wait: float = typer.Option(BrokerConfig.no_worker_wait, "--no-worker-wait", min=0.0, help="Seconds a queued job may wait while no live worker can take it; then it is answered 'unavailable'."),
@@ -214,6 +214,9 @@ def status(
     typer.echo(f"broker {broker}: up {st['uptime_s']} s, {st['queued']} queued, {st['in_flight']} in flight, {st['forwarded']} forwarded")
     group = st["trainer_group"]
     typer.echo(f"workers ({len(st['workers'])}){'; trainer group ' + group['generation'] + ' of ' + str(group['world']) if group['world'] else ''}:")
+    if group.get("out") or group.get("parked"):
+        typer.echo(f"  (searching the trainer group for a member at fault: out {', '.join(group['out']) or '-'}; "
+                   f"parked {', '.join(group['parked']) or '-'})")
     for w in st["workers"]:
         role = f" rank {w['rank']}" if w["rank"] is not None else " trainer" if w["trainer"] else ""
         typer.echo(f"  {w['name']:<12}{role:<8} credit denoise {w['credit']['denoise']:>4} train {w['credit']['train']:>4}  in flight {w['in_flight']:>3}  done {w['completed']:>6}  seen {w['last_seen_s']} s ago")

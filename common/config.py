@@ -203,7 +203,7 @@ class BrokerConfig:
     # meanwhile, and the highest wins (train jobs wait). As long as a worker restart takes to reach it.
     elect_trainer_for: float = 10.0
     group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
-    group_max_failures: int = 3  # failed generations in a row after which a trainer that never formed one is a suspect (broker/group.py)
+    group_max_failures: int = 3  # failed generations in a row after which a trainer that never held one beside another is a suspect (broker/group.py)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 

@@ -408,10 +408,10 @@ def _failed(workers: list[RawWorker], generation: dict) -> None:
 
 def test_a_trainer_that_breaks_every_generation_is_left_out_of_the_group(fleet):
     """A trainer whose generations all fail (every rank reports such a failure, so no report names
-    it) is put on trial after --group-max-failures of them; the group forms without it, it is let
-    back in to check, and that generation fails too: it is left out. The train job it held goes to a
-    member and is answered once (its own late ack is dropped); it is told why, gets no train job
-    again, and its reports cause no re-form. Members of a generation that formed are never suspects."""
+    it) is put on trial after --group-max-failures of them; the group forms without it and takes a
+    step (an ack), it is let back in to check, and that generation fails too: it is left out. The
+    train job it held goes to a member and is answered once (its own late ack is dropped); it is
+    told why, gets no train job again, and its reports cause no re-form."""
     front, back = start_broker(fleet, "--heartbeat-liveness", "200", "--group-settle", "0.2", "--group-max-failures", "2")
     a, b = RawWorker(back, "a"), RawWorker(back, "b")
     a.ready(group="127.0.0.1:29991", train_credit=8)
@@ -429,17 +429,24 @@ def test_a_trainer_that_breaks_every_generation_is_left_out_of_the_group(fleet):
     without = _generation([a, b], world=2)
     with pytest.raises(TimeoutError):
         _next(c, "error", timeout=0.5)  # not told while on trial
+    assert _status(front)["trainer_group"]["out"] == ["c"]
     _formed([a, b], without)
-    _failed([a, b, c], _generation([a, b, c], world=3))  # let back in to check, and it fails again
+    node.train("step")
+    assert a.next_job()[0]["job"] == "step"
+    with pytest.raises(TimeoutError):
+        _next(a, "group", timeout=1.0)  # formed without c, but no step yet: no evidence
+    a.send(wire.encode("ack", job="step", client="n", step=2, loss=0.5))
+    assert _one_reply(node)["step"] == 2
+    _failed([a, b, c], _generation([a, b, c], world=3))  # held: c let back in to check, and it fails again
     notice = _next(c, "error")
     assert notice["job"] == "" and notice["code"] == "refused" and "left out of the trainer group" in notice["reason"]
     after = _generation([a, b], world=2)
     env, _ = a.next_job()
     assert env["job"] == "held"  # re-queued to a member
     c.send(wire.encode("ack", job="held", client="n", step=9, loss=0.5))  # too late: dropped
-    a.send(wire.encode("ack", job="held", client="n", step=2, loss=0.5))
+    a.send(wire.encode("ack", job="held", client="n", step=3, loss=0.5))
     reply = _one_reply(node)
-    assert reply["type"] == "ack" and reply["step"] == 2
+    assert reply["type"] == "ack" and reply["step"] == 3
     workers = {w["name"]: w for w in _status(front)["workers"]}
     assert workers["c"]["credit"]["train"] == 0 and workers["c"]["rank"] is None and not workers["c"]["trainer"]
     assert _status(front)["trainer_group"]["world"] == 2
@@ -457,19 +464,23 @@ def test_a_worker_left_out_of_the_group_serves_denoise_jobs_only(fleet):
     front, back = start_broker(fleet, "--heartbeat-liveness", "200", "--group-settle", "3", "--group-max-failures", "2")
     r1, r2 = RawWorker(back, "r1"), RawWorker(back, "r2")
     r1.ready(denoise_credit=0, group=f"127.0.0.1:{free_port()}")  # nobody serves this rendezvous
-    r2.ready(denoise_credit=0, group=f"127.0.0.1:{free_port()}")
+    r2.ready(denoise_credit=0, train_credit=4, group=f"127.0.0.1:{free_port()}")
     _formed([r1, r2], _generation([r1, r2], world=2))
     start_worker(fleet, back, front, "w", "--group", f"127.0.0.1:{free_port()}", "--heartbeat-liveness", "50", "--group-timeout", "1")
     for _ in range(2):  # the worker reports its own failure within the settle
         _failed([r1, r2], _generation([r1, r2], world=3, timeout=30))
     _formed([r1, r2], _generation([r1, r2], world=2, timeout=30))  # without it, the two form
+    node = RawClient(front, "n")
+    node.hello()
+    node.train("t")
+    assert r1.next_job()[0]["job"] == "t"
+    r1.send(wire.encode("ack", job="t", client="n", step=1, loss=0.5))  # and take a step
+    assert _one_reply(node)["type"] == "ack"
     _failed([r1, r2], _generation([r1, r2], world=3, timeout=30))  # with it again, not
     _generation([r1, r2], world=2, timeout=30)
     wait_for(lambda: "left out of the trainer group" in (fleet.logs / "w.log").read_text(), 30, what="the worker's log line")
     workers = {w["name"]: w for w in _status(front)["workers"]}
     assert workers["w"]["credit"]["train"] == 0 and workers["w"]["rank"] is None
-    node = RawClient(front, "n")
-    node.hello()
     node.denoise("d", count=2)
     reply = _one_reply(node, timeout=60)
     assert reply["type"] == "result" and reply["count"] == 2
