@@ -847,6 +847,30 @@ def test_a_trainer_that_stops_cleanly_relays_its_last_steps_and_the_standby_take
     assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["standby"]
 
 
+def test_a_trainer_restarted_from_its_checkpoint_relays_its_steps_when_it_stops(fleet, tmp_path):
+    """A trainer acknowledges 3 steps and relays none, dies, and is started again from its
+    checkpoint; it trains nothing more and is stopped cleanly. Its steps were never relayed: it
+    relays them before bye, and the standby takes over at once (step 4). Before, only steps taken
+    by the stopping process were relayed, and the job waited for a trainer holding steps 1-3."""
+    front, back = start_broker(fleet)
+    flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
+    checkpoint = ("--checkpoint", str(tmp_path / "t.safetensors"))
+    start_worker(fleet, back, front, "t", *flags, *checkpoint)
+    start_worker(fleet, back, front, "standby", *flags)
+    client = RawClient(front, "c")
+    client.hello()
+    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
+    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
+    fleet.procs.pop("t").wait()
+    wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["standby"], 30, what="the trainer declared dead")
+    start_worker(fleet, back, front, "t", *flags, *checkpoint)
+    wait_for(lambda: [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["t"], 30, what="the trainer back")
+    assert fleet.stop("t") == 0
+    got = client.train_all({"b0"}, timeout=30)
+    assert got["b0"][0]["type"] == "ack" and got["b0"][0]["step"] == 4, got
+    assert [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["standby"]
+
+
 def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp_path):
     """A trainer (with its checkpoint) and a standby; the trainer acknowledges 3 steps and relays
     none (--sync-every 100), then dies. The standby would continue from older weights and number

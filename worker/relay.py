@@ -51,11 +51,17 @@ class WeightRelay:
         self.weight_parts = [list(group) for group in tensors.split(self._state_arrays(), max_frame_bytes)]
         self.incoming: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # relayed kind → (version, parts so far)
         self.published = -1  # the version this worker last published
+        self.loaded = -1  # the version this worker last loaded from a relay
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().float().cpu().numpy() for k, v in self.party.model.state_dict().items()}
 
     # ---- the trainer's side -----------------------------------------------------------------
+    def unrelayed(self) -> bool:
+        """Whether this model holds steps no relay carried: taken here, or restored from this
+        worker's own checkpoint (which may hold steps acknowledged after its last relay)."""
+        return self.party.step > 0 and self.party.step not in (self.published, self.loaded)
+
     def publish(self) -> None:
         """The model's state as `weights` parts, then the optimiser's as `moments` parts (for
         workers that may take over training); the broker relays them in order."""
@@ -104,7 +110,7 @@ class WeightRelay:
             log.error("ignoring weights version %d: incomplete, or not this worker's model", version)
             return
         self.party.model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-        self.party.step = version
+        self.party.step = self.loaded = version
         log.info("loaded weights version %d from the trainer", version)
 
     def load_moments(self, version: int, arrays: dict[str, np.ndarray]) -> None:

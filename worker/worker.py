@@ -468,8 +468,9 @@ class Worker(Stoppable):
     def shutdown(self) -> None:
         """Apply what is waiting, checkpoint, tell the broker (it re-queues the rest at once). A rank
         of a trainer group applies nothing alone: the broker gives its jobs to the other ranks,
-        which hold every step this rank took. A lone trainer then relays the steps it took since its
-        last relay (they are in its checkpoint first), so that a standby may take over at once."""
+        which hold every step this rank took. A lone trainer then relays the steps no relay carried
+        (taken since its last relay, or restored from its checkpoint; they are in its checkpoint
+        first), so that a standby may take over at once."""
         while self.batcher.pending and (self.group is None or self.group.world == 1):
             self.apply(self.batcher.take(flush=True), self.group.collective if self.group is not None else None)
         if self.group is not None and self.group.world == 1 and not self.config.checkpoint:
@@ -480,7 +481,7 @@ class Worker(Stoppable):
         if self.config.energy_report:
             Path(self.config.energy_report).write_text(json.dumps({**report, "stats": asdict(self.stats)}, indent=2))
         if self.sock is not None:
-            final_relay = self.group is None and self.stats.train_steps > 0 and self.party.step != self.relay.published
+            final_relay = self.config.trainer and self.group is None and self.relay.unrelayed()  # from a standby, the broker ignores it
             if final_relay:
                 self.relay.publish()
             self.send(wire.encode("bye"))
