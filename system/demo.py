@@ -28,17 +28,20 @@ def start_server_side(fleet: Fleet, workers: int, worker_args: list[str], state:
     """A broker and `workers` workers, of which the first `trainers` offer to train (with trainer
     keys; two or more form one data-parallel group, each serving its rendezvous on a free port);
     returns (frontend, backend). With a `state` folder the server side keeps what it needs across
-    restarts: the broker's state (STATE/broker) and each trainer's checkpoint, so its acks are durable."""
+    restarts: the broker's state (STATE/broker) and each trainer's checkpoint, so its acks are durable.
+    The broker elects a lone trainer only when a trainer's checkpoint exists (a restart)."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    checkpoints = [state / ("server.safetensors" if i == 0 else f"server-worker{i}.safetensors") for i in range(trainers)] if state else []
     durable = ["--state", str(state / "broker")] if state is not None else []
+    if not any(path.exists() for path in checkpoints):  # no trainer holds a step: nothing to elect
+        durable += ["--elect-trainer-for", "0"]
     fleet.start("broker", cli("broker", "--frontend", frontend, "--backend", backend, *keyring.broker_args(), *durable))
     admin = keyring.admin()
     for i in range(workers):
         trains = i < trainers
         args = ["worker", "--broker", backend, "--name", f"worker{i}", *worker_args, *keyring.args(f"worker{i}", "trainer" if trains else "worker")]
-        if state is not None and trains:
-            checkpoint = "server.safetensors" if i == 0 else f"server-worker{i}.safetensors"
-            args += ["--checkpoint", str(state / checkpoint)] + (["--energy-report", str(state / "server_energy.json")] if i == 0 else [])
+        if checkpoints and trains:
+            args += ["--checkpoint", str(checkpoints[i])] + (["--energy-report", str(state / "server_energy.json")] if i == 0 else [])
         if trainers > 1 and trains:
             args += ["--group", f"127.0.0.1:{free_port()}"]
         if not trains:
