@@ -648,13 +648,15 @@ def acks(clients: int = 16, rows: int = 4, duration: float = 15.0, model: str = 
 
 
 @app.command()
-def group(ranks: str = "1,2,4", model: str = "tiny", clients: int = 32, rows: int = 8, max_train_rows: int = 64, duration: float = 20.0,
-          logs: Path = Path("/tmp/collafuse-bench-group")) -> None:
+def group(ranks: str = "1,2,4", model: str = "tiny", size: int = 32, device: str = "cpu", bf16: bool = False, clients: int = 32, rows: int = 8,
+          max_train_rows: int = 64, duration: float = 20.0, logs: Path = Path("/tmp/collafuse-bench-group")) -> None:
     """Data-parallel training: train jobs from simulated clients through a trainer group of N ranks
-    (one process and one torch thread each, gloo; --max-train-rows per rank), the rows applied per
-    second and the scaling efficiency against one rank, one run each; then, in the largest group,
-    one rank SIGKILLed while a probe client trains: the time from the death to the probe's next
-    acknowledged step, and whether any probe job went unanswered."""
+    (one process and one torch thread each, gloo, on CUDA tensors with --device cuda: the ranks
+    share the card; --max-train-rows per rank; the denoising forward is neither compiled nor
+    graphed, which only denoising uses), the rows applied per second and the scaling efficiency
+    against one rank, one run each; then, in the largest group, one rank SIGKILLed while a probe
+    client trains: the time from the death to the probe's next acknowledged step, and whether any
+    probe job went unanswered."""
     import os
 
     from collafuse.common.config import LoadConfig
@@ -664,20 +666,21 @@ def group(ranks: str = "1,2,4", model: str = "tiny", clients: int = 32, rows: in
     from collafuse.tools.loadtest import run_load
 
     sizes = [int(n) for n in ranks.split(",")]
-    out: dict = {"what": "trainer_group", "model": model, "clients": clients, "rows_per_job": rows, "max_train_rows_per_rank": max_train_rows,
-                 "threads_per_rank": 1, "cpus": os.cpu_count()}
-    args = ["--device", "cpu", "--model", model, "--max-train-rows", str(max_train_rows)]
+    out: dict = {"what": "trainer_group", "model": model, "size": size, "device": device, "bf16": bf16, "clients": clients,
+                 "rows_per_job": rows, "max_train_rows_per_rank": max_train_rows, "threads_per_rank": 1, "cpus": os.cpu_count()}
+    args = ["--device", device, "--model", model, "--image-size", str(size), "--max-train-rows", str(max_train_rows)]
+    args += (["--bf16"] if bf16 else []) + (["--no-compile", "--no-cuda-graphs"] if device.startswith("cuda") else [])
     for n in sizes:
         fleet, keyring = Fleet(logs / f"ranks{n}" / "logs", threads=1), Keyring(logs / f"ranks{n}" / "keys")
         try:
             front, _ = start_server_side(fleet, n, args, None, keyring, trainers=n)
-            load = LoadConfig(broker=front, clients=clients, duration=duration, mode="train", rows=rows,
+            load = LoadConfig(broker=front, clients=clients, duration=duration, mode="train", rows=rows, image_size=size,
                               keys=str(keyring.peer("load", "node")), admin_keys=str(keyring.peer("admin", "admin")))
             result = run_load(load, say=lambda _: None)
             out[f"ranks_{n}"] = {"rows_per_s": round(result["jobs_per_s"] * rows, 1), "train_steps": result["train_steps"],
                                  "latency_ms": result["latency_ms"], "lost": result["lost"], "errors": result["errors"]}
             if n == max(sizes) and n > 1:
-                out["rank_killed"] = _kill_a_rank(fleet, front, keyring, n)
+                out["rank_killed"] = _kill_a_rank(fleet, front, keyring, n, size)
         finally:
             fleet.stop_all()
     base = out[f"ranks_{sizes[0]}"]["rows_per_s"] / sizes[0]
@@ -732,18 +735,18 @@ def _probe_link(front: str, keyring, name: str, size: int = 32):
                       keys=PeerKeys.load(keyring.peer(name, "node")))
 
 
-def _train_frames(rng, job: str, client: str) -> list[bytes]:
-    """A valid 4-row train job at 32×32 with t_c = 60 (the probes' jobs)."""
+def _train_frames(rng, job: str, client: str, size: int = 32) -> list[bytes]:
+    """A valid 4-row train job at size×size with t_c = 60 (the probes' jobs)."""
     import numpy as np
 
     from collafuse.protocol import tensors, wire
 
-    blob = tensors.encode({"x_t": rng.standard_normal((4, 1, 32, 32), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
-                           "eps": rng.standard_normal((4, 1, 32, 32), dtype=np.float32)})
+    blob = tensors.encode({"x_t": rng.standard_normal((4, 1, size, size), dtype=np.float32), "t": np.full(4, 80, dtype=np.int64),
+                           "eps": rng.standard_normal((4, 1, size, size), dtype=np.float32)})
     return [wire.encode("train", job=job, client=client, rows=4, t_c=60), blob]
 
 
-def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after: float = 15.0) -> dict:
+def _kill_a_rank(fleet, front: str, keyring, n: int, size: int, before: float = 3.0, after: float = 15.0) -> dict:
     """A probe client trains through the group with 2 × n 4-row jobs in flight (so that every rank
     holds some); the last rank is SIGKILLed. Two times from the death: to the group's next
     acknowledged step (the survivors re-formed), and to the answer of the last job that was in
@@ -755,7 +758,7 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
 
 
     rng = np.random.default_rng(0)
-    link = _probe_link(front, keyring, "probe")
+    link = _probe_link(front, keyring, "probe", size)
     acks: list[tuple[float, int, str]] = []
     sent = 0
 
@@ -769,7 +772,7 @@ def _kill_a_rank(fleet, front: str, keyring, n: int, before: float = 3.0, after:
             heard(0.01)
             while len(link.outstanding) < 2 * n:
                 sent += 1
-                link.submit(f"probe-{sent}", "train", _train_frames(rng, f"probe-{sent}", "probe"))
+                link.submit(f"probe-{sent}", "train", _train_frames(rng, f"probe-{sent}", "probe", size))
 
     link.connect()
     work(before)
