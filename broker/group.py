@@ -13,25 +13,29 @@ slow for the collective timeout) would make the group re-form without end, and e
 such a failure, so no report names it. The group looks for it by exclusion, and leaves it out only
 on evidence. A generation has formed once each member says so in its heartbeat, and held once it
 has also taken a step (an ack from a member that said so): a rank that joins but breaks every step
-forms generations and holds none. Each member's failed generations in a row are counted; once
-members that have never held a generation of two reach `max_failures`, the newest of them is put
-on trial: the next generations leave it out. If one fails, it returns and the next suspect, older,
-is tried. If every suspect has been tried so (two at fault at once), all suspects are out together
-(if all members are suspects, all but the oldest: a generation of one needs no peer). Once a
-generation of every member not out holds, the newest member out is let back in, alone, into
-exactly that generation (newcomers wait until it decides): if that generation fails with every
-other member reporting it, the member is left out for good, and the next one out is let back in;
-if it holds, it is cleared; anything else (a member goes silent or leaves) ends the check
-undecided. Beside one untrusted member a failed check names neither: the checked member is
+forms generations and holds none. Members of a held generation of two or more are trusted. Each
+member's failed generations in a row are counted; members that never held a generation of two
+reach `max_failures` are suspects. With trusted members, every suspect is left out at once; in a
+fresh group, suspects are left out one at a time, newest first, and once each was (two at fault at
+once), all are (if all members are suspects, all but the oldest: a generation of one needs no
+peer). Once a generation of every member not out holds, it is the base of a check: the newest half
+of those out is let back in (beside a lone untrusted base, one member). If that generation holds,
+they are cleared; if it fails with every base member reporting it, a culprit is among them: one
+member is left out for good; of several, the newer half is checked next, and if it holds, the
+older half holds the culprit (a binary search). A base member that reports late still completes
+a one-member verdict; otherwise (a base member goes silent or leaves) those checked wait for the
+next base. Beside one untrusted member a failed check names neither: the checked member is
 doubted, and once every check beside that member failed, the next member is tried alone; once
 every member was, no two hold together and nothing says who is at fault: the oldest trains alone
-and the others are parked until a member joins, when the search starts again. Members of a
-generation of two or more that held are trusted: never suspects again.
+and the others are parked until a member joins, when the search starts again. Newcomers wait for
+the current generation to form and for a check to decide, so that neither is cut short.
 
 What it does not find: a trusted member that later breaks every generation (the group re-forms
 until an operator stops it; `collafuse status` shows the generations). What it may get wrong: a
 check cannot tell a member's fault from a network outage during it. A search costs a generation per
-try (settle plus --group-timeout), and a check decides only when train jobs come to make a step.
+try (settle plus --group-timeout): about 2 log2 of those out per culprit beside trusted members, up
+to one per member in a fresh group (newest first: rank 0 last), and a check decides only when train
+jobs come to make a step.
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ class Generation:
 
 
 @dataclass
+class LateCheck:
+    """A failed check that some base members had not reported by the re-form: their later reports
+    still complete its verdict (a busy member starts its join late and times out late)."""
+
+    checked: bytes
+    generation: str
+    waiting: set[bytes]
+
+
+@dataclass
 class TrainerGroup:
     settle: float  # seconds to wait after an event before re-forming
     max_failures: int = 3  # failed generations in a row after which a member never in a held generation of two is a suspect
@@ -70,12 +84,15 @@ class TrainerGroup:
     stepped: bool = False  # a member that said so acknowledged a step of the current generation
     held: bool = False  # the current generation formed and took a step
     out: list[bytes] = field(default_factory=list)  # members the generations leave out until they are checked, newest last
-    checking: bytes | None = None  # a member let back into the generation that held without it
-    cleared_with: list[bytes] = field(default_factory=list)  # that generation's members
-    tried: set[bytes] = field(default_factory=set)  # suspects tried alone and returned in this round
+    checking: list[bytes] = field(default_factory=list)  # members let back into the generation that held without them
+    suspect: list[bytes] = field(default_factory=list)  # the older half of a failed check: a culprit is in it if `checking` holds
+    cleared_with: list[bytes] = field(default_factory=list)  # that generation's members: the check's base
+    tried: set[bytes] = field(default_factory=set)  # suspects of a fresh group tried alone and returned in this round
     doubted: list[bytes] = field(default_factory=list)  # members whose check beside one untrusted member failed
     lone: set[bytes] = field(default_factory=set)  # untrusted members that others were checked beside, alone, in this search
     parked: list[bytes] = field(default_factory=list)  # members of a search that found no two to hold together, out until one joins
+    late: LateCheck | None = None
+    verdicts: list[bytes] = field(default_factory=list)  # members late reports found at fault, left out at the next re-form
 
     def __post_init__(self) -> None:
         if self.max_failures < 1:
@@ -94,42 +111,52 @@ class TrainerGroup:
             return f"the trainer group has {MAX_RANKS} members already"
         return None
 
+    def left_out_now(self) -> list[bytes]:
+        """The members a search leaves out of the current generation (not those parked)."""
+        return [r for r in self.out + self.doubted + self.checking + self.suspect + self.verdicts if r not in self.current.members]
+
+    def _excluded(self) -> set[bytes]:
+        return set(self.out + self.doubted + self.parked + self.suspect + self.verdicts)
+
+    def _checking_now(self) -> bool:
+        """The current generation is a check: the members it checks are in it."""
+        return bool(self.checking) and set(self.checking) <= set(self.current.members)
+
     def join(self, route: bytes, address: str, model: str, now: float) -> None:
-        """A newcomer makes a re-form due, but waits for a check to decide (a re-form would end it);
-        the members parked by a search that found no two to hold together are tried again with it."""
+        """A newcomer; the members parked by a search that found no two to hold together are tried
+        again with it."""
         self.candidates[route] = address
         self.model = model
         self.parked = []
-        if not self._checking_now():
+        self._newcomer(now)
+
+    def _newcomer(self, now: float) -> None:
+        """A member outside the current generation wants in: a re-form is due once the current one
+        has formed and is not a check (else `formed`, `_hold` or its failure brings it in)."""
+        if not self.current.members or (len(self.claims) == len(self.current.members) and not self._checking_now()):
             self._due(now)
 
     def leave(self, route: bytes, now: float) -> None:
-        """A member is gone; one of the current generation makes a re-form due (its peers'
-        collectives fail and they report; a newcomer that leaves before joining changes nothing),
-        and so does any while members are out (the candidates without them may now be complete)."""
+        """A member is gone. One of the current generation makes a re-form due (its peers'
+        collectives fail and they report); another may complete the candidates a held generation
+        lacks for a check."""
+        member = route in self.current.members
         self._forget(route)
-        if route in self.current.members or self.out:
+        if member:
             self._due(now)
-
-    def left_out_now(self) -> list[bytes]:
-        """The members a search leaves out of the current generation (not those parked)."""
-        waiting = self.out + self.doubted + ([self.checking] if self.checking is not None else [])
-        return [r for r in waiting if r not in self.current.members]
-
-    def _checking_now(self) -> bool:
-        """The current generation is a check: the member it checks is in it."""
-        return self.checking is not None and self.checking in self.current.members
+        elif self.held:
+            self._next_check(now)
 
     def _forget(self, route: bytes) -> None:
         self.candidates.pop(route, None)
         self.failures.pop(route, None)
-        for members in (self.proven, self.tried, self.lone):
-            members.discard(route)
-        for members in (self.out, self.doubted, self.parked):  # type: ignore[assignment]
-            if route in members:
-                members.remove(route)
-        if self.checking == route:
-            self.checking = None
+        for routes in (self.proven, self.tried, self.lone, self.reported, self.claims):
+            routes.discard(route)
+        for listed in (self.out, self.doubted, self.parked, self.checking, self.suspect, self.verdicts):
+            if route in listed:
+                listed.remove(route)
+        if self.late is not None and route in (self.late.checked, *self.late.waiting):
+            self.late = None  # a base member that left may have caused the failure: no verdict
 
     def formed(self, route: bytes, generation: str, now: float) -> None:
         """A member says it is in `generation`. Once every member of the current one has, newcomers
@@ -145,8 +172,8 @@ class TrainerGroup:
         self._hold(now)
 
     def _wait_for_newcomers(self, now: float) -> None:
-        if any(r not in self.current.members and r not in self.out + self.doubted + self.parked and r != self.checking
-               for r in self.candidates):
+        excluded = self._excluded()
+        if any(r not in self.current.members and r not in excluded and r not in self.checking for r in self.candidates):
             self._due(now)
 
     def acknowledged(self, route: bytes, now: float) -> None:
@@ -159,8 +186,7 @@ class TrainerGroup:
     def _hold(self, now: float) -> None:
         """Once the current generation has formed and stepped: its members' runs of failures end
         and (two or more) they are trusted, which ends a search beside one untrusted member (those
-        doubted there are checked again); the member it checked is cleared; if it is every
-        candidate but those out, the newest out is let back in, to check."""
+        doubted there are checked again); the members it checked are cleared; then the next check."""
         if self.held or not self.stepped or len(self.claims) < len(self.current.members):
             return
         self.held = True
@@ -172,27 +198,69 @@ class TrainerGroup:
             self.out += self.doubted
             self.doubted, self.lone = [], set()
         self.tried.clear()
-        if self.checking in members:
-            self.checking = None
-        if self.out and set(members) == set(self.candidates) - set(self.out) - set(self.doubted):
-            if len(members) == 1 and members[0] not in self.proven:
-                self.lone.add(members[0])
-            self.checking, self.cleared_with = self.out.pop(), list(members)
+        if self._checking_now():
+            self.checking = []
+            if self.suspect:  # the older half of a failed check holds the culprit
+                known, self.suspect = self.suspect, []
+                self.cleared_with = list(members)
+                self._culprit_in(known, now)
+                if self.checking:
+                    return
+        self._next_check(now)
+
+    def _next_check(self, now: float) -> None:
+        """If the current generation held and is every candidate but those out, it is the base of a
+        check: the next of them are let back in (else: newcomers, if any, are due)."""
+        base = self.current.members
+        if self.held and not self.checking and self.out and set(base) == set(self.candidates) - self._excluded():
+            if len(base) == 1 and base[0] not in self.proven:
+                self.lone.add(base[0])
+            self.checking, self.cleared_with = self._take(base), list(base)
+            self.late = None
             self._due(now)
         else:
             self._wait_for_newcomers(now)
 
+    def _culprit_in(self, known: list[bytes], now: float) -> None:
+        """A culprit is among these members (a check of them failed beside a trusted base): one is
+        left out for good at the next re-form; of several, the newer half is checked next and the
+        older half is the suspect if that holds."""
+        if len(known) == 1:
+            self.verdicts += known
+            self._due(now)
+        else:
+            half = len(known) // 2
+            self.suspect, self.checking = known[:half], known[half:]
+            self._due(now)
+
+    def _take(self, base: list[bytes]) -> list[bytes]:
+        """The next members out to check beside `base`: the newest half, or, beside a lone untrusted
+        member, the newest one (a failure beside it names neither)."""
+        count = 1 if len(base) == 1 and base[0] not in self.proven else (len(self.out) + 1) // 2
+        taken, self.out = self.out[-count:], self.out[:-count]
+        return taken
+
     def failed(self, route: bytes, generation: str, now: float) -> None:
-        """A member says a generation failed. For the current one, it is kept in the next; a stale
-        report from a member of the current generation is old news; from anyone else, a wish to join
-        (not from a member out: it is left out on purpose)."""
-        if route not in self.candidates or route in self.out + self.doubted + self.parked:
+        """A member says a generation failed. For the current one, it is kept in the next; a late
+        report may complete a check's verdict; other stale news from a member of the current
+        generation is ignored; from anyone else, a wish to join (not from a member out: it is left
+        out on purpose)."""
+        if route not in self.candidates or route in self._excluded() or (route in self.checking and not self._checking_now()):
+            return
+        late = self.late
+        if late is not None and generation == late.generation and route in late.waiting:
+            late.waiting.discard(route)
+            if not late.waiting and late.checked in self.out:
+                self.out.remove(late.checked)
+                self.verdicts.append(late.checked)
+                self.late = None
+                self._due(now)
             return
         if generation == self.current.id and route in self.current.members:
             self.reported.add(route)
             self._due(now)
         elif route not in self.current.members:
-            self._due(now)
+            self._newcomer(now)
 
     def _due(self, now: float) -> None:
         if self.reform_at is None:
@@ -201,31 +269,32 @@ class TrainerGroup:
     def reform(self, epoch: str, now: float) -> Generation | None:
         """The next generation once a re-form is due (None until then): the survivors in their old
         rank order (rank 0 stays rank 0 while it lives), then the newcomers, none of those out; a
-        check generation is the one that held and the member it checks."""
+        check generation is its base and the members it checks."""
         if self.reform_at is None or now < self.reform_at:
             return None
-        checked = self.checking if self._checking_now() else None
-        if checked is not None:
-            self.checking = None  # a check ends with its generation
-        left_out = self._failed_generation(checked) if self.reported else []
-        if not self.reported:
-            for member in self.current.members:
-                self.failures.pop(member, None)  # a generation that did not fail ends every run
-            self.tried.clear()
+        checked = list(self.checking) if self._checking_now() else []
+        if self.reported:
+            self._failed_generation(checked, now)
+        elif checked:  # a check re-formed without failing (a member left): they wait for the next base
+            self.out += checked + self.suspect
+            self.checking, self.suspect = [], []
+        left_out, self.verdicts = self.verdicts, []
+        for route in left_out:
+            self._forget(route)
         self.count += 1
         generation_id = f"{epoch}-{self.count}"
-        cleared = [r for r in self.cleared_with if r in self.candidates]
-        if self.checking is not None and cleared:
-            members = cleared + [self.checking]
+        base = [r for r in self.cleared_with if r in self.candidates]
+        if self.checking and base:
+            members = base + self.checking
         else:
-            self.checking = None  # the generation that cleared it is gone: it is a member like any other
-            self.out += self.doubted
-            self.doubted = []
+            self.out += self.checking  # a check whose base is gone: they wait for the next
+            self.checking = []
             kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
             members = kept + [r for r in self.candidates if r not in self.current.members]
-            if all(r in self.out + self.parked for r in members):
-                self.out, self.parked = [], []  # nobody would be left: leave nobody out
-            members = [r for r in members if r not in self.out + self.parked]
+            if all(r in self._excluded() for r in members):
+                self.out, self.doubted, self.parked = [], [], []  # nobody would be left: leave nobody out
+            excluded = self._excluded()
+            members = [r for r in members if r not in excluded]
         self.current = Generation(generation_id, members, self.candidates[members[0]] if members else "", left_out)
         self.reported.clear()
         self.claims.clear()
@@ -233,47 +302,60 @@ class TrainerGroup:
         self.reform_at = None
         return self.current
 
-    def _failed_generation(self, checked: bytes | None) -> list[bytes]:
-        """Count the failure against the members it had; a failed check decides (`_judge`).
-        Otherwise those out return (the group failed without them too) and the next try is
-        chosen: the newest suspect not tried alone in this round, or, once all were, every suspect
-        at once (of all suspects, the oldest member not yet alone in this search)."""
+    def _failed_generation(self, checked: list[bytes], now: float) -> None:
+        """Count the failure against the members it had; a failed check decides (`_judge`) when
+        every base member reported it, and waits otherwise. Any other failure ends a search under
+        way (those out return) and starts the next try: with trusted members, every suspect out at
+        once; in a fresh group the newest suspect not tried alone in this round, or, once all were,
+        every suspect (all members suspects: the oldest not yet alone in this search stays)."""
         members = [r for r in self.current.members if r in self.candidates]
         for member in members:
             self.failures[member] = self.failures.get(member, 0) + 1
-        if checked is not None:
-            if checked in members and set(self.current.members) - {checked} <= self.reported:
-                return self._judge(checked)
-            return []  # undecided: someone else went silent; it is a member like any other
-        if len(self.out) == 1:
+        if checked:
+            base = [r for r in self.current.members if r not in checked]
+            if set(base) <= self.reported:  # (a base member that left is no longer among those that reported)
+                self._judge(checked, base, now)
+                return
+            self.out += checked + self.suspect  # undecided: a base member went silent, left, or reports late
+            self.checking, self.suspect = [], []
+            trusted = len(base) >= 2 or base[0] in self.proven
+            if len(checked) == 1 and trusted and all(r in self.candidates for r in base):  # late, not gone: it may still say
+                self.late = LateCheck(checked[0], self.current.id, set(base) - self.reported)
+            return
+        if len(self.out) == 1 and not self.doubted:
             self.tried.add(self.out[0])
-        self.out = []
+        if len(self.current.members) != 1:
+            self.lone = set()  # a lone member's own failure keeps the rotation going
+        self.out, self.doubted, self.checking, self.suspect = [], [], [], []  # a check announced for the next generation too
         suspects = [r for r in self.candidates if r not in self.proven and self.failures.get(r, 0) >= self.max_failures]
         untried = [r for r in suspects if r not in self.tried]
-        if untried:
+        if suspects and any(r in self.proven for r in self.candidates):
+            self.out = suspects
+        elif untried:
             self.out = [untried[-1]]
         elif suspects:
             keep = [r for r in self.candidates if r not in suspects] or self._next_lone() or [next(iter(self.candidates))]
             self.out = [r for r in self.candidates if r not in keep]
             self.tried.clear()
-        return []
 
-    def _judge(self, checked: bytes) -> list[bytes]:
-        """A check failed with every other member reporting it. Beside trusted members (or two or
-        more that held), the checked member is the culprit: left out for good, and the next one out
-        is checked. Beside one untrusted member, either may be: the checked is doubted, and once
-        every check beside that member failed, the next member not yet alone is tried alone, the
-        others out; once every member was, no two hold together and nothing says who is at fault:
-        the oldest trains alone and the others are parked until a member joins."""
-        base = [r for r in self.cleared_with if r in self.candidates]
+    def _judge(self, checked: list[bytes], base: list[bytes], now: float) -> None:
+        """A check failed with every base member reporting it. Beside trusted members (or two or
+        more that held), a culprit is among those checked (`_culprit_in`; a suspect half waiting
+        is no longer known to hold one). Beside one untrusted member, either may be at fault: the
+        checked is doubted, and once every check beside that member failed, the next member not
+        yet alone is tried alone, the others out; once every member was, no two hold together: the
+        oldest trains alone and the others are parked until a member joins. Then the next check."""
+        self.checking = []
         if len(base) >= 2 or (base and base[0] in self.proven):
-            self._forget(checked)
-            left = [checked]
+            self.out += self.suspect
+            self.suspect = []
+            self._culprit_in(checked, now)
         else:
-            self.doubted.append(checked)
-            left = []
+            self.doubted += checked
+        if self.checking:
+            return
         if self.out:
-            self.checking = self.out.pop()
+            self.checking = self._take(base)
         elif self.doubted:
             lone = self._next_lone()
             if lone:
@@ -281,7 +363,6 @@ class TrainerGroup:
             else:
                 self.parked = [r for r in self.candidates if r != next(iter(self.candidates))]
                 self.doubted, self.lone = [], set()
-        return left
 
     def _next_lone(self) -> list[bytes]:
         """The oldest member not yet alone in this search, as a list ([] once every one was)."""

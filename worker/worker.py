@@ -371,6 +371,8 @@ class Worker(Stoppable):
             if group.collective is None:
                 if group.announced is not None:
                     group.join()
+                    self.next_heartbeat = 0.0  # say at once that it formed here: an ack of its first step must not come first
+                    self.heartbeat()
                     for (env, msg), ack in self.batcher.settle_applied():  # applied by the others in a step this rank missed
                         self.batcher.remember(env, ack, hold=True, msg=msg)
                 return
