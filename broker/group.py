@@ -16,9 +16,9 @@ has also taken a step (an ack from a member that said so): a rank that joins but
 forms generations and holds none. Members of a held generation of two or more are trusted. Each
 member's failed generations in a row are counted; members that never held a generation of two
 reach `max_failures` are suspects. With trusted members, every suspect is left out at once; in a
-fresh group, suspects are left out one at a time, newest first, and once each was (two at fault at
-once), all are (if all members are suspects, all but the oldest: a generation of one needs no
-peer). Once a generation of every member not out holds, it is the base of a check: the newest half
+fresh group, the newest half of the members is left out, then the oldest half, then all but one
+quarter, one eighth, ... in turn (several at fault: a part without any), and once the parts are
+smaller than two, all but the oldest member (a generation of one needs no peer). Once a generation of every member not out holds, it is the base of a check: the newest half
 of those out is let back in (beside a lone untrusted base, one member). If that generation holds,
 they are cleared; if it fails with every base member reporting it, a culprit is among them: one
 member is left out for good; of several, the newer half is checked next, and if it holds, the
@@ -33,9 +33,8 @@ the current generation to form and for a check to decide, so that neither is cut
 What it does not find: a trusted member that later breaks every generation (the group re-forms
 until an operator stops it; `collafuse status` shows the generations). What it may get wrong: a
 check cannot tell a member's fault from a network outage during it. A search costs a generation per
-try (settle plus --group-timeout): about 2 log2 of those out per culprit beside trusted members, up
-to one per member in a fresh group (newest first: rank 0 last), and a check decides only when train
-jobs come to make a step.
+try (settle plus --group-timeout), about 2 log2 of the members per culprit, and a check decides
+only when train jobs come to make a step.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ class TrainerGroup:
     checking: list[bytes] = field(default_factory=list)  # members let back into the generation that held without them
     suspect: list[bytes] = field(default_factory=list)  # the older half of a failed check: a culprit is in it if `checking` holds
     cleared_with: list[bytes] = field(default_factory=list)  # that generation's members: the check's base
-    tried: set[bytes] = field(default_factory=set)  # suspects of a fresh group tried alone and returned in this round
+    tries: int = 0  # generations a search in a fresh group (none trusted) has tried, each without some members
     doubted: list[bytes] = field(default_factory=list)  # members whose check beside one untrusted member failed
     lone: set[bytes] = field(default_factory=set)  # untrusted members that others were checked beside, alone, in this search
     parked: list[bytes] = field(default_factory=list)  # members of a search that found no two to hold together, out until one joins
@@ -127,7 +126,8 @@ class TrainerGroup:
         again with it."""
         self.candidates[route] = address
         self.model = model
-        self.parked = []
+        if self.parked:
+            self.parked, self.tries = [], 0
         self._newcomer(now)
 
     def _newcomer(self, now: float) -> None:
@@ -150,7 +150,7 @@ class TrainerGroup:
     def _forget(self, route: bytes) -> None:
         self.candidates.pop(route, None)
         self.failures.pop(route, None)
-        for routes in (self.proven, self.tried, self.lone, self.reported, self.claims):
+        for routes in (self.proven, self.lone, self.reported, self.claims):
             routes.discard(route)
         for listed in (self.out, self.doubted, self.parked, self.checking, self.suspect, self.verdicts):
             if route in listed:
@@ -196,8 +196,7 @@ class TrainerGroup:
         if len(members) >= 2:
             self.proven.update(members)
             self.out += self.doubted
-            self.doubted, self.lone = [], set()
-        self.tried.clear()
+            self.doubted, self.lone, self.tries = [], set(), 0
         if self._checking_now():
             self.checking = []
             if self.suspect:  # the older half of a failed check holds the culprit
@@ -306,8 +305,8 @@ class TrainerGroup:
         """Count the failure against the members it had; a failed check decides (`_judge`) when
         every base member reported it, and waits otherwise. Any other failure ends a search under
         way (those out return) and starts the next try: with trusted members, every suspect out at
-        once; in a fresh group the newest suspect not tried alone in this round, or, once all were,
-        every suspect (all members suspects: the oldest not yet alone in this search stays)."""
+        once; in a fresh group, the next part of it (`_fresh_try`), and once none is left, the oldest
+        member not yet alone in this search, alone."""
         members = [r for r in self.current.members if r in self.candidates]
         for member in members:
             self.failures[member] = self.failures.get(member, 0) + 1
@@ -322,21 +321,34 @@ class TrainerGroup:
             if len(checked) == 1 and trusted and all(r in self.candidates for r in base):  # late, not gone: it may still say
                 self.late = LateCheck(checked[0], self.current.id, set(base) - self.reported)
             return
-        if len(self.out) == 1 and not self.doubted:
-            self.tried.add(self.out[0])
         if len(self.current.members) != 1:
             self.lone = set()  # a lone member's own failure keeps the rotation going
         self.out, self.doubted, self.checking, self.suspect = [], [], [], []  # a check announced for the next generation too
         suspects = [r for r in self.candidates if r not in self.proven and self.failures.get(r, 0) >= self.max_failures]
-        untried = [r for r in suspects if r not in self.tried]
         if suspects and any(r in self.proven for r in self.candidates):
             self.out = suspects
-        elif untried:
-            self.out = [untried[-1]]
         elif suspects:
-            keep = [r for r in self.candidates if r not in suspects] or self._next_lone() or [next(iter(self.candidates))]
+            keep = self._fresh_try() or self._next_lone() or [next(iter(self.candidates))]
             self.out = [r for r in self.candidates if r not in keep]
-            self.tried.clear()
+
+    def _fresh_try(self) -> list[bytes]:
+        """The members the next try of a fresh group keeps, in age order: the older part without the
+        newest half, then the newer part without the oldest half (one member at fault is in one of
+        them), then each quarter, eighth, ... alone (several at fault: a part without any); [] once
+        the parts are smaller than two."""
+        order, attempt = list(self.candidates), self.tries
+        self.tries += 1
+        n, half = len(order), len(order) // 2
+        if n - half >= 2:
+            if attempt < 2:
+                return order[: n - half] if attempt == 0 else order[half:]
+            attempt -= 2
+        parts = 4
+        while n // parts >= 2:
+            if attempt < parts:
+                return order[attempt * n // parts : (attempt + 1) * n // parts]
+            attempt, parts = attempt - parts, parts * 2
+        return []
 
     def _judge(self, checked: list[bytes], base: list[bytes], now: float) -> None:
         """A check failed with every base member reporting it. Beside trusted members (or two or
@@ -362,7 +374,7 @@ class TrainerGroup:
                 self.out, self.doubted = [r for r in self.candidates if r not in lone], []
             else:
                 self.parked = [r for r in self.candidates if r != next(iter(self.candidates))]
-                self.doubted, self.lone = [], set()
+                self.doubted, self.lone, self.tries = [], set(), 0
 
     def _next_lone(self) -> list[bytes]:
         """The oldest member not yet alone in this search, as a list ([] once every one was)."""

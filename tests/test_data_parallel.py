@@ -207,25 +207,24 @@ class _Clock:
         return generation.members
 
 
-def test_a_fresh_group_leaves_suspects_out_one_at_a_time_and_checks_the_culprit_back():
+def test_a_fresh_group_leaves_halves_out_and_checks_the_culprit_back():
     from collafuse.broker.group import TrainerGroup
 
     c = _Clock(b"a", b"b", b"c")  # fresh: nobody is trusted; a, rank 0, is the culprit
     g = c.g
     assert c.members(c.fail()) == [b"a", b"b", b"c"]
-    assert c.members(c.fail()) == [b"a", b"b"]  # two failures each: the newest suspect, c, out
-    assert c.members(c.fail()) == [b"a", b"c"]  # failed without c too: c returns, b out
-    g.failed(b"b", g.current.id, now=5000.0)  # the member out has nothing to report about it
+    assert c.members(c.fail()) == [b"a", b"b"]  # two failures each: the newest half, c, out
+    assert c.members(c.fail()) == [b"b", b"c"]  # failed without c too: the oldest half, a, out
+    g.failed(b"a", g.current.id, now=5000.0)  # the member out has nothing to report about it
     assert g.reform("E", now=5001.0) is None
-    assert c.members(c.fail()) == [b"c", b"b"]  # and without b: a out
-    g.formed(b"c", g.current.id, now=5002.0)
+    g.formed(b"b", g.current.id, now=5002.0)
     assert g.reform("E", now=5003.0) is None  # one member's word is not a formed generation
     assert c.form() is None  # formed, but no step yet: not yet evidence
-    assert c.members(c.hold()) == [b"c", b"b", b"a"]  # c and b held without a: a let back in, to check
+    assert c.members(c.hold()) == [b"b", b"c", b"a"]  # b and c held without a: a let back in, to check
     last = c.fail()
-    assert last.left_out == [b"a"] and last.members == [b"c", b"b"] and list(g.candidates) == [b"b", b"c"]
+    assert last.left_out == [b"a"] and last.members == [b"b", b"c"] and list(g.candidates) == [b"b", b"c"]
     for _ in range(6):
-        assert c.members(c.fail()) == [b"c", b"b"]  # the members of a held generation are never suspects
+        assert c.members(c.fail()) == [b"b", b"c"]  # the members of a held generation are never suspects
     with pytest.raises(ValueError):
         TrainerGroup(settle=0.5, max_failures=0)
 
@@ -251,6 +250,27 @@ def test_beside_trusted_members_every_suspect_is_out_and_a_binary_search_finds_t
     assert last.left_out == [b"f"] and last.members[-1] == b"e"
     assert c.hold() is None and sorted(c.g.current.members) == sorted(set(newcomers + [b"a", b"b", b"c"]) - {b"d", b"f"})
     assert c.g.count <= 9 and not c.g.left_out_now()
+
+
+def _play(c: _Clock, faulty: set[bytes], limit: int = 5000) -> int:
+    """Drive the group until it settles: a generation of two or more with a member of `faulty` in
+    it fails (every member reports), any other holds. The generations it took."""
+    start = c.g.count
+    for _ in range(limit):
+        members = c.g.current.members
+        if (c.fail() if len(members) >= 2 and faulty & set(members) else c.hold()) is None:
+            return c.g.count - start
+    raise AssertionError("the group never settled")
+
+
+def test_a_search_takes_about_two_log2_generations_per_culprit():
+    """Not one generation per member: 1,024 fresh members with rank 0 at fault, and 256 with the
+    oldest and the newest at fault."""
+    routes = [f"m{i}".encode() for i in range(1024)]
+    c = _Clock(*routes, max_failures=1)
+    assert _play(c, {routes[0]}) <= 20 and c.left == [routes[0]] and len(c.g.current.members) == 1023
+    c = _Clock(*routes[:256], max_failures=1)
+    assert _play(c, {routes[0], routes[255]}) <= 30 and sorted(c.left) == [routes[0], routes[255]]
 
 
 def test_a_base_member_that_reports_late_still_completes_the_verdict():
@@ -325,33 +345,29 @@ def test_a_group_of_two_that_never_holds_together_trains_on_with_the_older_alone
     c.g.join(b"z", "h:z", "tiny", now=c.now)
     assert c.members(c._next()) == [b"x", b"y", b"z"]
     assert c.members(c.fail()) == [b"x", b"y"]  # z out
-    assert c.members(c.fail()) == [b"x", b"z"]  # y out
-    assert c.members(c.fail()) == [b"z", b"y"]  # x out: y and z hold, trusted
-    assert c.members(c.hold()) == [b"z", b"y", b"x"]
+    assert c.members(c.fail()) == [b"y", b"z"]  # x out: y and z hold, trusted
+    assert c.members(c.hold()) == [b"y", b"z", b"x"]
     last = c.fail()
-    assert last.left_out == [b"x"] and last.members == [b"z", b"y"] and not c.g.parked
+    assert last.left_out == [b"x"] and last.members == [b"y", b"z"] and not c.g.parked
 
 
 def test_the_group_finds_two_members_at_fault_at_once():
-    """With two of four at fault, no generation without just one of them holds: once each suspect
-    was tried alone, all suspects are out together (all fresh: all but the oldest), and those out
-    are let back in one at a time, each judged on its own."""
-    c = _Clock(b"a", b"b", b"c", b"d", max_failures=1)  # c and d break every generation they are in
-    assert c.members(c.fail()) == [b"a", b"b", b"c"]  # d out
-    assert c.members(c.fail()) == [b"a", b"b", b"d"]  # c out (d returns)
-    assert set(c.members(c.fail())) == {b"a", b"c", b"d"}  # b out
-    assert set(c.members(c.fail())) == {b"b", b"c", b"d"}  # a out
-    assert c.members(c.fail()) == [b"a"]  # each tried alone: all but the oldest out
-    assert c.members(c.hold()) == [b"a", b"d"]  # the newest out checked beside a, alone
-    last = c.fail()
-    assert last.left_out == [] and last.members == [b"a", b"c"]  # either a or d is at fault: d doubted, c next
-    assert c.fail().members == [b"a", b"b"]
-    assert c.members(c.hold()) == [b"a", b"b", b"c"]  # a and b held: trusted, the doubted are checked beside them
-    last = c.fail()
-    assert last.left_out == [b"c"] and last.members == [b"a", b"b", b"d"]  # and the next one at once
-    last = c.fail()
-    assert last.left_out == [b"d"] and last.members == [b"a", b"b"]
-    assert c.hold() is None and c.g.proven == {b"a", b"b"} and not c.g.out and not c.g.doubted
+    """Two of eight fresh members at fault, one in each half: neither half holds, so one quarter
+    is kept at a time until one holds; those out come back by halves beside it, and each culprit
+    is found by halving the checks that fail."""
+    routes = [bytes([x]) for x in b"abcdefgh"]
+    c = _Clock(*routes, max_failures=1)  # b and f break every generation they are in
+    assert c.members(c.fail()) == routes[:4]  # the newest half out
+    assert c.members(c.fail()) == routes[4:]  # the oldest half out
+    assert c.members(c.fail()) == [b"a", b"b"]  # each quarter alone
+    assert c.members(c.fail()) == [b"c", b"d"]
+    assert c.members(c.hold()) == [b"c", b"d", b"f", b"g", b"h"]  # c, d held: the newest half of those out back
+    assert c.members(c.fail()) == [b"c", b"d", b"g", b"h"]  # a culprit among f, g, h: g and h checked
+    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"b", b"e"]  # so f; the next half back at once
+    assert c.left == [b"f"]
+    assert c.members(c.fail()) == [b"c", b"d", b"g", b"h", b"e"]
+    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"e", b"a"]  # so b
+    assert c.hold() is None and c.left == [b"f", b"b"] and sorted(c.g.current.members) == sorted(set(routes) - {b"b", b"f"})
 
     c = _Clock(b"a", b"b", max_failures=1)  # trusted a and b; fresh c and d both at fault
     c.hold()
