@@ -151,7 +151,7 @@ class Broker(Stoppable):
         self.trainer: bytes | None = None  # the trainer whose weights are relayed (the group's rank 0)
         self.succession = Succession(config.elect_trainer_for, self.state)  # who may be the lone trainer
         self.relayed_version = 0  # the optimiser step of the latest complete weights relay
-        self.group = TrainerGroup(config.group_settle, config.group_max_failures)
+        self.group = TrainerGroup(config.group_settle, config.group_max_failures, config.group_report_wait)
         self.relayed: dict[str, list[list[zmq.Frame]]] = {kind: [] for kind in wire.RELAYED}  # the trainer's latest parts
         self.model_shape: tuple[int, int, int] | None = None
         self.levels: int | None = None

@@ -5,8 +5,9 @@ The broker is the group's membership service (its heartbeats already say who is 
 reduce among themselves on torch.distributed. Each generation has an id that names this broker run
 and a counter; a re-form is due `settle` seconds after a member joins, leaves or reports that the
 current generation failed (a collective timed out or lost a peer), so that several events make one
-new generation. After a failure only the members that reported it (and newcomers) are kept: a dead
-rank never reports, and a slow one that reports later joins the next generation as a newcomer.
+new generation. After a failure the re-form waits up to `report_wait` more for every member's
+report, and only the members that reported it (and newcomers) are kept: a dead or stalled rank
+never reports, and a slower one joins the next generation as a newcomer.
 
 A member that breaks every generation it is in (an address the others cannot reach, a rank too
 slow for the collective timeout) would make the group re-form without end, and every rank reports
@@ -21,8 +22,9 @@ quarter, one eighth, ... in turn (several at fault: a part without any), and onc
 smaller than two, all but the oldest member (a generation of one needs no peer). Once a generation of every member not out holds, it is the base of a check: the newest half
 of those out is let back in (beside a lone untrusted base, one member). If that generation holds,
 they are cleared; if it fails with every base member reporting it, a culprit is among them: one
-member is left out for good; of several, the newer half is checked next, and if it holds, the
-older half holds the culprit (a binary search). A base member that reports late still completes
+member is left out for good; of several, the newer half is checked next, then the older half (a
+binary search; the half left is checked, not inferred, since a fault that strikes only sometimes
+would mislead an inference). A base member that reports late still completes
 a one-member verdict; otherwise (a base member goes silent or leaves) those checked wait for the
 next base. Beside one untrusted member a failed check names neither: the checked member is
 doubted, and once every check beside that member failed, the next member is tried alone; once
@@ -32,7 +34,8 @@ the current generation to form and for a check to decide, so that neither is cut
 
 What it does not find: a trusted member that later breaks every generation (the group re-forms
 until an operator stops it; `collafuse status` shows the generations). What it may get wrong: a
-check cannot tell a member's fault from a network outage during it. A search costs a generation per
+check cannot tell a member's fault from a network outage, or from a fault elsewhere that strikes
+only sometimes, during it; reports later than `report_wait` make their member look stalled. A search costs a generation per
 try (settle plus --group-timeout), about 2 log2 of the members per culprit, and a check decides
 only when train jobs come to make a step.
 """
@@ -71,10 +74,12 @@ class LateCheck:
 class TrainerGroup:
     settle: float  # seconds to wait after an event before re-forming
     max_failures: int = 3  # failed generations in a row after which a member never in a held generation of two is a suspect
+    report_wait: float = 2.0  # seconds a failure's re-form waits, beyond the settle, for every live member's report
     candidates: dict[bytes, str] = field(default_factory=dict)  # every live member → its rendezvous address, oldest first
     current: Generation = field(default_factory=lambda: Generation("", [], ""))
     count: int = 0  # generations formed in this broker run
     reported: set[bytes] = field(default_factory=set)  # members that reported the current generation failed
+    first_report: float = 0.0  # when the first of them did
     reform_at: float | None = None
     model: str = ""  # the model preset every member trains
     failures: dict[bytes, int] = field(default_factory=dict)  # member → failed generations in a row it was in
@@ -84,12 +89,13 @@ class TrainerGroup:
     held: bool = False  # the current generation formed and took a step
     out: list[bytes] = field(default_factory=list)  # members the generations leave out until they are checked, newest last
     checking: list[bytes] = field(default_factory=list)  # members let back into the generation that held without them
-    suspect: list[bytes] = field(default_factory=list)  # the older half of a failed check: a culprit is in it if `checking` holds
+    suspect: list[bytes] = field(default_factory=list)  # the older half of a failed check, checked once the newer half is decided
     cleared_with: list[bytes] = field(default_factory=list)  # that generation's members: the check's base
     tries: int = 0  # generations a search in a fresh group (none trusted) has tried, each without some members
     doubted: list[bytes] = field(default_factory=list)  # members whose check beside one untrusted member failed
     lone: set[bytes] = field(default_factory=set)  # untrusted members that others were checked beside, alone, in this search
     parked: list[bytes] = field(default_factory=list)  # members of a search that found no two to hold together, out until one joins
+    trying: list[bytes] = field(default_factory=list)  # the members a search's next generation keeps (reported or not)
     late: LateCheck | None = None
     verdicts: list[bytes] = field(default_factory=list)  # members late reports found at fault, left out at the next re-form
 
@@ -152,7 +158,7 @@ class TrainerGroup:
         self.failures.pop(route, None)
         for routes in (self.proven, self.lone, self.reported, self.claims):
             routes.discard(route)
-        for listed in (self.out, self.doubted, self.parked, self.checking, self.suspect, self.verdicts):
+        for listed in (self.out, self.doubted, self.parked, self.checking, self.suspect, self.verdicts, self.trying):
             if route in listed:
                 listed.remove(route)
         if self.late is not None and route in (self.late.checked, *self.late.waiting):
@@ -199,12 +205,10 @@ class TrainerGroup:
             self.doubted, self.lone, self.tries = [], set(), 0
         if self._checking_now():
             self.checking = []
-            if self.suspect:  # the older half of a failed check holds the culprit
-                known, self.suspect = self.suspect, []
-                self.cleared_with = list(members)
-                self._culprit_in(known, now)
-                if self.checking:
-                    return
+            if self.suspect:  # the older half of a failed check is checked next (a fault that struck once would mislead an inference)
+                self.checking, self.suspect, self.cleared_with = self.suspect, [], list(members)
+                self._due(now)
+                return
         self._next_check(now)
 
     def _next_check(self, now: float) -> None:
@@ -222,15 +226,14 @@ class TrainerGroup:
 
     def _culprit_in(self, known: list[bytes], now: float) -> None:
         """A culprit is among these members (a check of them failed beside a trusted base): one is
-        left out for good at the next re-form; of several, the newer half is checked next and the
-        older half is the suspect if that holds."""
+        left out for good at the next re-form; of several, the newer half is checked next, then
+        the older half."""
         if len(known) == 1:
             self.verdicts += known
-            self._due(now)
         else:
             half = len(known) // 2
             self.suspect, self.checking = known[:half], known[half:]
-            self._due(now)
+        self._due(now)
 
     def _take(self, base: list[bytes]) -> list[bytes]:
         """The next members out to check beside `base`: the newest half, or, beside a lone untrusted
@@ -256,6 +259,8 @@ class TrainerGroup:
                 self._due(now)
             return
         if generation == self.current.id and route in self.current.members:
+            if not self.reported:
+                self.first_report = now
             self.reported.add(route)
             self._due(now)
         elif route not in self.current.members:
@@ -271,6 +276,9 @@ class TrainerGroup:
         check generation is its base and the members it checks."""
         if self.reform_at is None or now < self.reform_at:
             return None
+        silent = [r for r in self.current.members if r in self.candidates and r not in self.reported]
+        if self.reported and silent and now < self.first_report + self.settle + self.report_wait:
+            return None  # a failure: the members busy when it came report late (a dead or stalled one never does)
         checked = list(self.checking) if self._checking_now() else []
         if self.reported:
             self._failed_generation(checked, now)
@@ -285,9 +293,11 @@ class TrainerGroup:
         base = [r for r in self.cleared_with if r in self.candidates]
         if self.checking and base:
             members = base + self.checking
+        elif self.trying:
+            members, self.trying = [r for r in self.candidates if r in self.trying], []
         else:
-            self.out += self.checking  # a check whose base is gone: they wait for the next
-            self.checking = []
+            self.out += self.checking + self.suspect  # a check whose base is gone: they wait for the next
+            self.checking, self.suspect = [], []
             kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
             members = kept + [r for r in self.candidates if r not in self.current.members]
             if all(r in self._excluded() for r in members):
@@ -328,8 +338,8 @@ class TrainerGroup:
         if suspects and any(r in self.proven for r in self.candidates):
             self.out = suspects
         elif suspects:
-            keep = self._fresh_try() or self._next_lone() or [next(iter(self.candidates))]
-            self.out = [r for r in self.candidates if r not in keep]
+            self.trying = self._fresh_try() or self._next_lone() or [next(iter(self.candidates))]
+            self.out = [r for r in self.candidates if r not in self.trying]
 
     def _fresh_try(self) -> list[bytes]:
         """The members the next try of a fresh group keeps, in age order: the older part without the
@@ -371,7 +381,7 @@ class TrainerGroup:
         elif self.doubted:
             lone = self._next_lone()
             if lone:
-                self.out, self.doubted = [r for r in self.candidates if r not in lone], []
+                self.out, self.doubted, self.trying = [r for r in self.candidates if r not in lone], [], lone
             else:
                 self.parked = [r for r in self.candidates if r != next(iter(self.candidates))]
                 self.doubted, self.lone, self.tries = [], set(), 0

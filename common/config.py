@@ -204,6 +204,7 @@ class BrokerConfig:
     elect_trainer_for: float = 10.0
     group_settle: float = 0.5  # seconds after a trainer joins, leaves or reports a failed collective before the group re-forms
     group_max_failures: int = 3  # failed generations in a row after which a trainer that never held one beside another is a suspect (broker/group.py)
+    group_report_wait: float = 2.0  # seconds a failed generation's re-form waits beyond the settle for every live member's report
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
 

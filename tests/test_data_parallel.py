@@ -124,7 +124,7 @@ def test_collective_bytes_travel_between_ranks():
 def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     from collafuse.broker.group import TrainerGroup
 
-    g = TrainerGroup(settle=0.5)
+    g = TrainerGroup(settle=0.5, report_wait=1.0)
 
     def formed(generation, now):
         for member in generation.members:
@@ -145,22 +145,26 @@ def test_the_broker_re_forms_the_group_from_the_ranks_that_report():
     g.failed(b"a", "E-2", now=2.0)  # c stalls; only the ranks that report the failure are kept
     g.failed(b"b", "E-2", now=2.1)
     g.failed(b"b", "E-1", now=2.2)  # stale news from a member: ignored
-    third = g.reform("E", now=2.6)
+    assert g.reform("E", now=2.6) is None  # c may only be busy: its report is waited for, report_wait more
+    third = g.reform("E", now=3.6)
     assert third.members == [b"a", b"b"]
-    g.failed(b"c", "E-2", now=2.7)  # c was only slow: it reports late and joins again as a newcomer, once E-3 formed
-    assert g.reform("E", now=3.3) is None
-    formed(third, now=3.4)
-    assert formed(g.reform("E", now=4.0), now=4.0).members == [b"a", b"b", b"c"]
-    g.leave(b"a", now=4.0)
-    fifth = formed(g.reform("E", now=4.6), now=4.6)
+    g.failed(b"c", "E-2", now=3.7)  # c was only slow: it reports late and joins again as a newcomer, once E-3 formed
+    assert g.reform("E", now=4.3) is None
+    formed(third, now=4.4)
+    assert formed(g.reform("E", now=5.0), now=5.0).members == [b"a", b"b", b"c"]
+    g.leave(b"a", now=5.0)
+    fifth = formed(g.reform("E", now=5.6), now=5.6)
     assert fifth.members == [b"b", b"c"] and fifth.store == "h:2"  # rank 0 left: the next oldest serves the rendezvous
-    g.join(b"d", "h:4", "tiny", now=5.0)
-    g.leave(b"d", now=5.1)  # a newcomer gone before it joined: the re-form it asked for still comes, unchanged
-    assert g.reform("E", now=5.6).members == [b"b", b"c"]
-    g.leave(b"x", now=6.0)  # never a member: nothing to re-form
-    assert g.reform("E", now=7.0) is None
-    g.failed(b"x", "E-5", now=5.0)  # not a member at all: nothing happens
-    assert g.reform("E", now=9.0) is None
+    g.join(b"d", "h:4", "tiny", now=6.0)
+    g.leave(b"d", now=6.1)  # a newcomer gone before it joined: the re-form it asked for still comes, unchanged
+    assert g.reform("E", now=6.6).members == [b"b", b"c"]
+    g.leave(b"x", now=7.0)  # never a member: nothing to re-form
+    assert g.reform("E", now=8.0) is None
+    g.failed(b"x", "E-5", now=8.0)  # not a member at all: nothing happens
+    assert g.reform("E", now=10.0) is None
+    g.failed(b"b", g.current.id, now=11.0)  # every live member reports: no wait beyond the settle
+    g.failed(b"c", g.current.id, now=11.1)
+    assert g.reform("E", now=11.6).members == [b"b", b"c"]
 
 
 class _Clock:
@@ -246,10 +250,11 @@ def test_beside_trusted_members_every_suspect_is_out_and_a_binary_search_finds_t
     assert c._next() is None
     assert c.members(c.hold()) == [b"a", b"b", b"c", b"h", b"i", b"j", b"k", b"f", b"g"]  # cleared; the next half
     assert c.members(c.fail()) == [b"a", b"b", b"c", b"h", b"i", b"j", b"k", b"g"]  # a culprit in f, g: g checked
-    last = c.hold()  # g held: f is the culprit, left out without another check; e checked
-    assert last.left_out == [b"f"] and last.members[-1] == b"e"
+    assert c.members(c.hold())[-1] == b"f"  # g held: f checked alone
+    last = c.fail()
+    assert last.left_out == [b"f"] and last.members[-1] == b"e"  # the next one out checked at once
     assert c.hold() is None and sorted(c.g.current.members) == sorted(set(newcomers + [b"a", b"b", b"c"]) - {b"d", b"f"})
-    assert c.g.count <= 9 and not c.g.left_out_now()
+    assert c.g.count <= 10 and not c.g.left_out_now()
 
 
 def _play(c: _Clock, faulty: set[bytes], limit: int = 5000) -> int:
@@ -363,11 +368,12 @@ def test_the_group_finds_two_members_at_fault_at_once():
     assert c.members(c.fail()) == [b"c", b"d"]
     assert c.members(c.hold()) == [b"c", b"d", b"f", b"g", b"h"]  # c, d held: the newest half of those out back
     assert c.members(c.fail()) == [b"c", b"d", b"g", b"h"]  # a culprit among f, g, h: g and h checked
-    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"b", b"e"]  # so f; the next half back at once
-    assert c.left == [b"f"]
+    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"f"]  # then f
+    assert c.members(c.fail()) == [b"c", b"d", b"g", b"h", b"b", b"e"] and c.left == [b"f"]  # the next half back at once
     assert c.members(c.fail()) == [b"c", b"d", b"g", b"h", b"e"]
-    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"e", b"a"]  # so b
-    assert c.hold() is None and c.left == [b"f", b"b"] and sorted(c.g.current.members) == sorted(set(routes) - {b"b", b"f"})
+    assert c.members(c.hold()) == [b"c", b"d", b"g", b"h", b"e", b"b"]
+    assert c.members(c.fail()) == [b"c", b"d", b"g", b"h", b"e", b"a"] and c.left == [b"f", b"b"]
+    assert c.hold() is None and sorted(c.g.current.members) == sorted(set(routes) - {b"b", b"f"})
 
     c = _Clock(b"a", b"b", max_failures=1)  # trusted a and b; fresh c and d both at fault
     c.hold()
