@@ -325,6 +325,62 @@ def test_a_base_member_that_dies_during_a_check_leaves_no_verdict():
         assert sorted(c.g.current.members) == [b"a", b"b", b"s"] and not c.left, (late, c.g.current.members, c.left)
 
 
+def test_a_check_whose_base_leaves_returns_everyone_waiting():
+    """The base of a check announced for the next generation leaves before it forms: the members
+    waiting for checks (the half to check next included) are back, not out for ever."""
+    c = _Clock(b"a", b"b", max_failures=1)
+    c.hold()
+    for route in (b"c", b"d", b"e", b"f"):
+        c.g.join(route, f"h:{route.decode()}", "tiny", now=c.now)
+    c._next()
+    assert c.members(c.fail()) == [b"a", b"b"]
+    assert c.members(c.hold()) == [b"a", b"b", b"e", b"f"]
+    assert c.members(c.fail()) == [b"a", b"b", b"f"]  # f checked, then e
+    for member in c.g.current.members:
+        c.g.formed(member, c.g.current.id, c.now)
+    c.g.acknowledged(b"a", c.now)  # held: e's check is announced ...
+    for route in (b"a", b"b", b"f"):
+        c.g.leave(route, c.now)  # ... and its base leaves
+    assert sorted(c.members(c._next())) == [b"c", b"d", b"e"] and not c.g.left_out_now()
+
+
+def _drive(g, faulty: set[bytes], late: float, ticks: int = 400):
+    """Half-second ticks as the broker's loop: a generation of two or more with a member of
+    `faulty` fails, each member reporting a second later, those of `faulty` `late` seconds later
+    still; any other forms and takes a step."""
+    now, pending = 1.0, []
+    for _ in range(ticks):
+        now += 0.5
+        for report in [p for p in pending if p[0] <= now]:
+            g.failed(report[1], report[2], report[0])
+        pending = [p for p in pending if p[0] > now]
+        generation = g.reform("E", now)
+        if generation is None:
+            continue
+        if len(generation.members) >= 2 and faulty & set(generation.members):
+            pending += [(now + 1 + (late if r in faulty else 0), r, generation.id) for r in generation.members]
+        else:
+            for r in generation.members:
+                g.formed(r, generation.id, now)
+            if generation.members:
+                g.acknowledged(generation.members[0], now)
+    return g
+
+
+def test_a_culprit_whose_reports_come_late_is_still_searched_for():
+    """Of a fresh pair, the one that breaks their generations reports up to 2 s after the other
+    (within the report wait): the search settles, the older trains alone and the other is parked
+    (it used to alternate with the older alone for ever)."""
+    from collafuse.broker.group import TrainerGroup
+
+    for late in (1.0, 2.0):
+        g = TrainerGroup(settle=0.5, max_failures=1, report_wait=2.0)
+        g.join(b"a", "h:a", "tiny", now=0.0)
+        g.join(b"b", "h:b", "tiny", now=0.0)
+        _drive(g, {b"b"}, late)
+        assert g.current.members == [b"a"] and g.parked == [b"b"] and g.reform_at is None, (late, g.current, g.parked)
+
+
 def test_a_member_that_reports_a_failure_and_leaves_does_not_empty_the_next_generation():
     c = _Clock(b"a", b"b", b"c")
     c.g.failed(b"a", c.g.current.id, c.now)
