@@ -17,9 +17,9 @@ has also taken a step (an ack from a member that said so): a rank that joins but
 forms generations and holds none. Members of a held generation of two or more are trusted. Each
 member's failed generations in a row are counted; members that never held a generation of two
 reach `max_failures` are suspects. With trusted members, every suspect is left out at once; in a
-fresh group, the newest half of the members is left out, then the oldest half, then all but one
-quarter, one eighth, ... in turn (several at fault: a part without any), and once the parts are
-smaller than two, all but the oldest member (a generation of one needs no peer). Once a generation of every member not out holds, it is the base of a check: the newest half
+fresh group, the newest half of the members is left out, then the oldest half, then each quarter,
+eighth, ... is kept alone in turn (several at fault: a part without any), and once the parts are
+smaller than two, the oldest member alone (a generation of one needs no peer). Once a generation of every member not out holds, it is the base of a check: the newest half
 of those out is let back in (beside a lone untrusted base, one member). If that generation holds,
 they are cleared; if it fails with every base member reporting it, a culprit is among them: one
 member is left out for good; of several, the newer half is checked next, then the older half (a
@@ -29,7 +29,8 @@ a one-member verdict; otherwise (a base member goes silent or leaves) those chec
 next base. Beside one untrusted member a failed check names neither: the checked member is
 doubted, and once every check beside that member failed, the next member is tried alone; once
 every member was, no two hold together and nothing says who is at fault: the oldest trains alone
-and the others are parked until a member joins, when the search starts again. Newcomers wait for
+and the others are parked until a member joins or the lone one fails alone, when the search starts
+again. A member that leaves and registers again is a new process: a newcomer, not a silent member. Newcomers wait for
 the current generation to form and for a check to decide, so that neither is cut short.
 
 What it does not find: a trusted member that later breaks every generation (the group re-forms
@@ -96,6 +97,7 @@ class TrainerGroup:
     lone: set[bytes] = field(default_factory=set)  # untrusted members that others were checked beside, alone, in this search
     parked: list[bytes] = field(default_factory=list)  # members of a search that found no two to hold together, out until one joins
     trying: list[bytes] = field(default_factory=list)  # the members a search's next generation keeps (reported or not)
+    departed: set[bytes] = field(default_factory=set)  # members of the current generation that left it (back, they are newcomers)
     late: LateCheck | None = None
     verdicts: list[bytes] = field(default_factory=list)  # members late reports found at fault, left out at the next re-form
 
@@ -123,6 +125,11 @@ class TrainerGroup:
     def _excluded(self) -> set[bytes]:
         return set(self.out + self.doubted + self.parked + self.suspect + self.verdicts)
 
+    def _live(self) -> list[bytes]:
+        """The current generation's members still in it: a member that left and registered again
+        is a new process, outside it."""
+        return [r for r in self.current.members if r in self.candidates and r not in self.departed]
+
     def _checking_now(self) -> bool:
         """The current generation is a check: the members it checks are in it."""
         return bool(self.checking) and set(self.checking) <= set(self.current.members)
@@ -149,6 +156,7 @@ class TrainerGroup:
         member = route in self.current.members
         self._forget(route)
         if member:
+            self.departed.add(route)
             self._due(now)
         elif self.held:
             self._next_check(now)
@@ -168,7 +176,7 @@ class TrainerGroup:
         """A member says it is in `generation`. Once every member of the current one has, newcomers
         (and members back from a failure) that waited for it to form make a re-form due, unless it
         is a check, which must first hold or fail."""
-        if generation != self.current.id or route not in self.current.members or route in self.claims:
+        if generation != self.current.id or route not in self.current.members or route in self.claims | self.departed:
             return
         self.claims.add(route)
         if len(self.claims) < len(self.current.members):
@@ -179,7 +187,8 @@ class TrainerGroup:
 
     def _wait_for_newcomers(self, now: float) -> None:
         excluded = self._excluded()
-        if any(r not in self.current.members and r not in excluded and r not in self.checking for r in self.candidates):
+        live = self._live()
+        if any(r not in live and r not in excluded and r not in self.checking for r in self.candidates):
             self._due(now)
 
     def acknowledged(self, route: bytes, now: float) -> None:
@@ -258,12 +267,12 @@ class TrainerGroup:
                 self.late = None
                 self._due(now)
             return
-        if generation == self.current.id and route in self.current.members:
+        if generation == self.current.id and route in self._live():
             if not self.reported:
                 self.first_report = now
             self.reported.add(route)
             self._due(now)
-        elif route not in self.current.members:
+        elif route not in self._live():
             self._newcomer(now)
 
     def _due(self, now: float) -> None:
@@ -276,7 +285,7 @@ class TrainerGroup:
         check generation is its base and the members it checks."""
         if self.reform_at is None or now < self.reform_at:
             return None
-        silent = [r for r in self.current.members if r in self.candidates and r not in self.reported]
+        silent = [r for r in self._live() if r not in self.reported]
         if self.reported and silent and now < self.first_report + self.settle + self.report_wait:
             return None  # a failure: the members busy when it came report late (a dead or stalled one never does)
         checked = list(self.checking) if self._checking_now() else []
@@ -298,8 +307,9 @@ class TrainerGroup:
         else:
             self.out += self.checking + self.suspect  # a check whose base is gone: they wait for the next
             self.checking, self.suspect = [], []
-            kept = [r for r in self.current.members if r in self.candidates and (not self.reported or r in self.reported)]
-            members = kept + [r for r in self.candidates if r not in self.current.members]
+            live = self._live()
+            kept = [r for r in live if not self.reported or r in self.reported]
+            members = kept + [r for r in self.candidates if r not in live]
             if all(r in self._excluded() for r in members):
                 self.out, self.doubted, self.parked = [], [], []  # nobody would be left: leave nobody out
             excluded = self._excluded()
@@ -307,6 +317,7 @@ class TrainerGroup:
         self.current = Generation(generation_id, members, self.candidates[members[0]] if members else "", left_out)
         self.reported.clear()
         self.claims.clear()
+        self.departed.clear()
         self.stepped = self.held = False
         self.reform_at = None
         return self.current
@@ -317,8 +328,7 @@ class TrainerGroup:
         way (those out return) and starts the next try: with trusted members, every suspect out at
         once; in a fresh group, the next part of it (`_fresh_try`), and once none is left, the oldest
         member not yet alone in this search, alone."""
-        members = [r for r in self.current.members if r in self.candidates]
-        for member in members:
+        for member in self._live():
             self.failures[member] = self.failures.get(member, 0) + 1
         if checked:
             base = [r for r in self.current.members if r not in checked]
@@ -328,12 +338,13 @@ class TrainerGroup:
             self.out += checked + self.suspect  # undecided: a base member went silent, left, or reports late
             self.checking, self.suspect = [], []
             trusted = len(base) >= 2 or base[0] in self.proven
-            if len(checked) == 1 and trusted and all(r in self.candidates for r in base):  # late, not gone: it may still say
+            if len(checked) == 1 and trusted and set(base) <= set(self._live()):  # late, not gone: it may still say
                 self.late = LateCheck(checked[0], self.current.id, set(base) - self.reported)
             return
         if len(self.current.members) != 1:
             self.lone = set()  # a lone member's own failure keeps the rotation going
         self.out, self.doubted, self.checking, self.suspect = [], [], [], []  # a check announced for the next generation too
+        self.parked = []  # the lone member a parked search left failed alone: search again, everyone in
         suspects = [r for r in self.candidates if r not in self.proven and self.failures.get(r, 0) >= self.max_failures]
         if suspects and any(r in self.proven for r in self.candidates):
             self.out = suspects

@@ -412,6 +412,34 @@ def test_a_group_of_two_that_never_holds_together_trains_on_with_the_older_alone
     assert last.left_out == [b"x"] and last.members == [b"y", b"z"] and not c.g.parked
 
 
+def test_a_parked_search_whose_lone_member_fails_alone_starts_again_with_everyone():
+    """Four fresh members, no two of which hold together: the oldest trains alone, the others
+    parked. When that lone generation fails too, the search starts again with the parked members
+    in it, and their reports count (they were ignored, and the re-form stalled)."""
+    c = _Clock(b"a", b"b", b"c", b"d", max_failures=1)
+    assert _play(c, {b"a", b"b", b"c", b"d"}) <= 25
+    assert c.g.current.members == [b"a"] and c.g.parked == [b"b", b"c", b"d"]
+    assert c.members(c.fail()) == [b"a", b"b"] and not c.g.parked
+    assert c.members(c.fail()) == [b"c", b"d"]  # every member of [a, b] reported: no wait beyond the settle
+    assert _play(c, {b"a", b"b", b"c", b"d"}) <= 25 and c.g.current.members == [b"a"] and not c.left
+
+
+def test_a_member_that_registers_again_is_a_newcomer_not_a_silent_member():
+    """b restarts (the same route leaves and registers again) while its generation fails: the
+    others' reports are all the re-form waits for, b is not charged the failure, and it is in the
+    next generation as a newcomer."""
+    c = _Clock(b"a", b"b", b"c", max_failures=1)
+    c.hold()
+    generation = c.g.current
+    c.g.leave(b"b", c.now)
+    c.g.join(b"b", "h:b2", "tiny", c.now)
+    c.g.formed(b"b", generation.id, c.now)  # a stale heartbeat of the old process proves nothing
+    for member in (b"a", b"c"):
+        c.g.failed(member, generation.id, c.now)
+    assert c.members(c._next()) == [b"a", b"c", b"b"] and b"b" not in c.g.failures
+    assert c.hold() is None and sorted(c.g.proven) == [b"a", b"b", b"c"]
+
+
 def test_the_group_finds_two_members_at_fault_at_once():
     """Two of eight fresh members at fault, one in each half: neither half holds, so one quarter
     is kept at a time until one holds; those out come back by halves beside it, and each culprit
