@@ -796,6 +796,13 @@ def _three_steps_then_a_standby(fleet: Fleet, front: str, back: str, flags: tupl
     return client
 
 
+def _kill_the_trainer(fleet: Fleet, front: str) -> None:
+    """SIGKILL trainer "t" and wait until the broker has declared it dead (the standby alone)."""
+    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
+    fleet.procs.pop("t").wait()
+    wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["standby"], 30, what="the trainer declared dead")
+
+
 def test_after_a_broker_restart_the_trainer_is_the_worker_holding_the_acknowledged_steps(fleet, tmp_path):
     """A trainer acknowledges 3 steps (none relayed: --sync-every 100) and the broker is SIGKILLed
     and started again on its ports. The new run does not know who holds those steps, and the
@@ -854,16 +861,9 @@ def test_a_trainer_restarted_from_its_checkpoint_relays_its_steps_when_it_stops(
     by the stopping process were relayed, and the job waited for a trainer holding steps 1-3."""
     front, back = start_broker(fleet)
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
-    checkpoint = ("--checkpoint", str(tmp_path / "t.safetensors"))
-    start_worker(fleet, back, front, "t", *flags, *checkpoint)
-    start_worker(fleet, back, front, "standby", *flags)
-    client = RawClient(front, "c")
-    client.hello()
-    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
-    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
-    fleet.procs.pop("t").wait()
-    wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["standby"], 30, what="the trainer declared dead")
-    start_worker(fleet, back, front, "t", *flags, *checkpoint)
+    client = _three_steps_then_a_standby(fleet, front, back, flags, tmp_path, "standby")
+    _kill_the_trainer(fleet, front)
+    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
     wait_for(lambda: [w["name"] for w in _status(front)["workers"] if w["trainer"]] == ["t"], 30, what="the trainer back")
     assert fleet.stop("t") == 0
     got = client.train_all({"b0"}, timeout=30)
@@ -878,14 +878,8 @@ def test_a_standby_does_not_take_over_without_every_acknowledged_step(fleet, tmp
     the trainer started again from its checkpoint; the same when it is restarted at once."""
     front, back = start_broker(fleet)
     flags = ("--max-train-rows", "4", "--train-wait", "0", "--sync-every", "100")
-    start_worker(fleet, back, front, "t", *flags, "--checkpoint", str(tmp_path / "t.safetensors"))
-    start_worker(fleet, back, front, "standby", *flags)
-    client = RawClient(front, "c")
-    client.hello()
-    assert sorted(v[0]["step"] for v in client.train_all({"a0", "a1", "a2"}).values()) == [1, 2, 3]
-    os.kill(fleet.procs["t"].pid, signal.SIGKILL)
-    fleet.procs.pop("t").wait()
-    wait_for(lambda: [w["name"] for w in _status(front)["workers"]] == ["standby"], 30, what="the trainer declared dead")
+    client = _three_steps_then_a_standby(fleet, front, back, flags, tmp_path, "standby")
+    _kill_the_trainer(fleet, front)
     assert not any(w["trainer"] for w in _status(front)["workers"])
     client.train("b0", seed=50)
     assert client.silent(2.0)  # waits: no trainer can take it without losing acknowledged steps
