@@ -267,12 +267,13 @@ class TrainerGroup:
                 self.late = None
                 self._due(now)
             return
-        if generation == self.current.id and route in self._live():
+        live = self._live()
+        if generation == self.current.id and route in live:
             if not self.reported:
                 self.first_report = now
             self.reported.add(route)
             self._due(now)
-        elif route not in self._live():
+        elif route not in live:
             self._newcomer(now)
 
     def _due(self, now: float) -> None:
